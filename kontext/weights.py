@@ -17,8 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kontext.errors import KontextError
 
-class WeightsError(ValueError):
+
+class WeightsError(KontextError, ValueError):
     """A weight file that does not fit the module it is loaded into."""
 
 

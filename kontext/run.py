@@ -1,0 +1,134 @@
+"""What `train.py` does with a composed config: prepare, build, fit, finish.
+
+The run is config-driven and stage-agnostic: `cfg.prepare` lists idempotent steps that must
+hold before training (generate shards, cache features), `cfg.data` is a LightningDataModule,
+`cfg.stage` the LightningModule, and a stage that defines `finish(run_dir, datamodule)`
+gets it after fitting (benchmark, export, summary). Errors about the user's input are
+printed as one line (see :mod:`kontext.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from kontext.errors import KontextError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def register_resolvers() -> None:
+    """`${run_name:${hydra:job.override_dirname}}`: a stable run directory per distinct
+    set of overrides, so rerunning the same command finds (and resumes) its own run."""
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", lambda overrides: overrides or "default")
+
+
+def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
+    """`resume`: null/false = fresh; `auto` = the newest complete checkpoint in `ckpt_dir`
+    (Lightning writes to a temp file and renames, so a present file is complete); else a path."""
+    if resume in (None, False, "none", "null"):
+        return None
+    if resume == "auto":
+        if not ckpt_dir.is_dir():
+            return None
+        candidates = [p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" or (p / "meta.pt").exists()]
+        return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    path = Path(str(resume))
+    if not path.exists():
+        raise KontextError(f"resume checkpoint not found: {path}")
+    return str(path)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Prepare, build and fit the configured stage; returns the stage's final summary (if any)."""
+    try:
+        return _run(cfg)
+    except KontextError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    timings: dict[str, float] = {}
+
+    for name, step in (cfg.get("prepare") or {}).items():
+        start = time.perf_counter()
+        instantiate(step)
+        timings[f"prepare/{name}"] = time.perf_counter() - start
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    timings["train"] = time.perf_counter() - start
+
+    summary: dict = {}
+    if hasattr(module, "finish") and trainer.is_global_zero and not trainer.fast_dev_run:
+        summary = module.finish(run_dir, datamodule=datamodule, timings=timings) or {}
+    if trainer.is_global_zero:
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    return summary
+
+
+class Progress(TQDMProgressBar):
+    """Progress bar with loss, samples/s and the ETA (tqdm's) of the whole run."""
+
+    def __init__(self, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self._t0: float | None = None
+        self._samples = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        else:
+            self._samples += getattr(pl_module, "last_batch_size", 0)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if self._t0 is not None and self._samples:
+            metrics["samples/s"] = f"{self._samples / (time.perf_counter() - self._t0):.0f}"
+        return metrics
+
+
+def main_guard(hydra_main, config_name: str) -> None:
+    """Compose the config once up front so that an unknown override or a bad value is one
+    clear line (exit 2) instead of Hydra's multi-line report; then run the Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if "-m" not in sys.argv and "--multirun" not in sys.argv and not any(
+        a.startswith(("hydra.", "hydra/", "+hydra")) for a in args
+    ):
+        try:
+            with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+                compose(config_name, overrides=args)
+        except (HydraException, OmegaConfBaseException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: {first} (overrides: {' '.join(args) or 'none'})", file=sys.stderr)
+            sys.exit(2)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    hydra_main()
