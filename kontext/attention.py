@@ -1,0 +1,143 @@
+"""Multi-head attention with 3-axis RoPE, and the choice of attention kernel.
+
+Follows the reference FLUX.1 `math.py`: rotary embeddings rotate interleaved adjacent pairs
+(x[2j], x[2j+1]) of every head in float32, then plain softmax attention with the default
+1/sqrt(head_dim) scale, no mask and no dropout (FLUX.1 Kontext paper §2-3).
+
+Kernels: `sdpa` (`torch.nn.functional.scaled_dot_product_attention`, everywhere) and `flash`
+(FlashAttention 3 through `flash_attn_interface` when importable, else FlashAttention 2
+through `flash_attn`; CUDA fp16/bf16 with head_dim a multiple of 8 and at most 256).
+`auto` takes flash where it applies and SDPA otherwise. The process-wide choice is set from
+the config with `set_attention_backend`; `attention(..., backend=...)` overrides it per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+BACKENDS = ("auto", "sdpa", "flash")
+MERGE_HEADS = "B H L D -> B L (H D)"
+
+_backend = "auto"
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices for one position axis: (B, L) -> (B, L, dim/2, 2, 2), float32.
+
+    omega_k = theta^(-2k/dim); each frequency becomes [[cos, -sin], [sin, cos]] of pos*omega_k.
+    """
+    if dim % 2:
+        raise ValueError(f"a RoPE axis needs an even dim, got {dim}")
+    pos = pos.float()
+    scale = torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)                                  # (dim/2,)
+    angles = pos[..., None] * omega                               # (B, L, dim/2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rot = torch.stack([cos, -sin, sin, cos], dim=-1)              # (B, L, dim/2, 4)
+    return rearrange(rot, "b n d (i j) -> b n d i j", i=2, j=2)   # (B, L, dim/2, 2, 2)
+
+
+def _rotate(x: Tensor, pe: Tensor) -> Tensor:
+    # x: (B, H, L, D); pe: (B, 1, L, D/2, 2, 2). Pair j of a head is (x[2j], x[2j+1]).
+    pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)            # (B, H, L, D/2, 1, 2)
+    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]  # (B, H, L, D/2, 2)
+    return out.reshape(*x.shape).type_as(x)
+
+
+def apply_rope(q: Tensor, k: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate queries and keys (B, H, L, D) by `pe` (B, 1, L, D/2, 2, 2), in float32."""
+    return _rotate(q, pe), _rotate(k, pe)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+_UNSET = object()
+_flash: tuple[str, Callable] | None | object = _UNSET
+
+
+def _flash_kernel() -> tuple[str, Callable] | None:
+    """(name, flash_attn_func) of the newest installed FlashAttention, or None (looked up once)."""
+    global _flash
+    if _flash is _UNSET:
+        _flash = None
+        try:
+            from flash_attn_interface import flash_attn_func  # FlashAttention 3 (Hopper)
+
+            _flash = ("fa3", flash_attn_func)
+        except ImportError:
+            try:
+                from flash_attn import flash_attn_func  # FlashAttention 2
+
+                _flash = ("fa2", flash_attn_func)
+            except ImportError:
+                pass
+    return _flash
+
+
+def flash_unsupported_reason(q: Tensor) -> str | None:
+    """Why the flash kernel cannot run on `q` (B, H, L, D), or None if it can."""
+    if _flash_kernel() is None:
+        return "neither flash_attn_interface (FA3) nor flash_attn (FA2) is installed"
+    if not q.is_cuda:
+        return f"flash attention needs CUDA tensors, got device {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash attention needs fp16 or bf16, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim % 8 or head_dim > 256:
+        return f"flash attention needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+    return None
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the kernel for every later `attention` call: 'auto', 'sdpa' or 'flash'.
+
+    'flash' fails here already when no FlashAttention package is installed.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name == "flash" and _flash_kernel() is None:
+        raise RuntimeError(
+            "attention backend 'flash' was requested but neither flash_attn_interface (FA3) nor "
+            "flash_attn (FA2) is installed; install the `gpu` extra or use 'auto' / 'sdpa'"
+        )
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+def resolve_backend(q: Tensor, backend: str | None = None) -> str:
+    """The kernel ('sdpa' or 'flash') that `attention` uses for `q` under `backend`."""
+    backend = backend or _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "sdpa":
+        return "sdpa"
+    reason = flash_unsupported_reason(q)
+    if backend == "flash" and reason is not None:
+        raise RuntimeError(f"attention backend 'flash' cannot run here: {reason}")
+    return "flash" if reason is None else "sdpa"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, backend: str | None = None) -> Tensor:
+    """RoPE, then softmax attention over all tokens: (B, H, L, D) x3 -> (B, L, H*D)."""
+    q, k = apply_rope(q, k, pe)
+    if resolve_backend(q, backend) == "flash":
+        _, kernel = _flash_kernel()
+        # flash kernels take (B, L, H, D); some FA3 builds also return the log-sum-exp.
+        out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out[0] if isinstance(out, tuple) else out
+        return rearrange(out, "B L H D -> B L (H D)")
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, MERGE_HEADS)
