@@ -1,0 +1,109 @@
+"""Kontext token packing: the one place where latents become transformer tokens and back.
+
+Follows the reference FLUX.1 `sampling.py` (`prepare`, `unpack`, `prepare_kontext`) and the
+FLUX.1 Kontext paper §3 ("Token sequence construction"). A latent (B, C, H, W) becomes
+H/2*W/2 tokens of 2x2 patches (channel index c*4 + ph*2 + pw, row-major token order), each
+with a (t, row, col) id. The target has t = 0; the i-th context image (i = 1, 2, ...) has
+t = i, and its own spatial ids from 0, so contexts of any resolution overlap the target's
+grid and are told apart by the virtual time axis only. The transformer sees
+[txt | target | context_1 | ... | context_N] and the target slice of its output is kept.
+Training and sampling both call `prepare`, `KontextTokens.joint` and `target_slice`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+
+PATCH = 2
+PACK = "b c (h ph) (w pw) -> b (h w) (c ph pw)"
+UNPACK = "b (h w) (c ph pw) -> b c (h ph) (w pw)"
+
+
+def pack(x: Tensor) -> Tensor:
+    """(B, C, H, W) latent -> (B, H/2 * W/2, 4C) tokens."""
+    if x.ndim != 4 or x.shape[-2] % PATCH or x.shape[-1] % PATCH:
+        raise ValueError(f"pack needs a (B, C, H, W) latent with even H and W, got {tuple(x.shape)}")
+    return rearrange(x, PACK, ph=PATCH, pw=PATCH)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    """(B, h/2 * w/2, 4C) tokens -> (B, C, h, w) latent of latent height h and width w."""
+    return rearrange(x, UNPACK, h=h // PATCH, w=w // PATCH, ph=PATCH, pw=PATCH)
+
+
+def make_ids(
+    b: int, h: int, w: int, t: int = 0, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """(t, row, col) ids of the tokens of a (B, C, h, w) latent -> (B, h/2 * w/2, 3)."""
+    ids = torch.zeros(h // PATCH, w // PATCH, 3, device=device, dtype=dtype)
+    ids[..., 0] = t
+    ids[..., 1] = torch.arange(h // PATCH, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // PATCH, device=device, dtype=dtype)[None, :]
+    return repeat(ids, "h w c -> b (h w) c", b=b)
+
+
+def txt_ids(
+    b: int, length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Text token ids: all zeros, (B, L_txt, 3)."""
+    return torch.zeros(b, length, 3, device=device, dtype=dtype)
+
+
+@dataclass
+class KontextTokens:
+    img: Tensor       # (B, L_img, 4C) target tokens
+    img_ids: Tensor   # (B, L_img, 3), axis 0 = 0
+    ctx: Tensor       # (B, L_ctx, 4C) all context tokens in order; L_ctx = 0 without contexts
+    ctx_ids: Tensor   # (B, L_ctx, 3), axis 0 = i for the i-th context
+    height: int       # latent size of the target, for `unpack`
+    width: int
+
+    @property
+    def n_img(self) -> int:
+        return self.img.shape[1]
+
+    def joint(self, img: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The image-stream input [img | ctx] (B, L_img + L_ctx, 4C) and its ids.
+
+        `img` replaces the target tokens (e.g. the noisy target z_t); its ids stay the target's.
+        """
+        img = self.img if img is None else img
+        if img.shape[1] != self.n_img:
+            raise ValueError(f"expected {self.n_img} target tokens, got {img.shape[1]}")
+        if self.ctx.shape[1] == 0:
+            return img, self.img_ids
+        return torch.cat((img, self.ctx.to(img)), dim=1), torch.cat((self.img_ids, self.ctx_ids), dim=1)
+
+    def unpack(self, img: Tensor) -> Tensor:
+        """Target tokens (B, L_img, 4C) -> target latent (B, C, H, W)."""
+        return unpack(img, self.height, self.width)
+
+
+def prepare(target: Tensor, contexts: Sequence[Tensor] = ()) -> KontextTokens:
+    """Pack a target latent (B, C, H, W) and any number of context latents (B, C, h_i, w_i)."""
+    b, c, height, width = target.shape
+    img = pack(target)
+    img_ids = make_ids(b, height, width, t=0, device=target.device)
+    ctx, ctx_ids = [], []
+    for i, context in enumerate(contexts, start=1):
+        if context.shape[:2] != (b, c):
+            raise ValueError(f"context {i} has shape {tuple(context.shape)}; needs batch {b} and {c} channels")
+        ctx.append(pack(context))
+        ctx_ids.append(make_ids(b, context.shape[-2], context.shape[-1], t=i, device=target.device))
+    if not ctx:
+        ctx = [img.new_zeros(b, 0, img.shape[-1])]
+        ctx_ids = [img_ids.new_zeros(b, 0, 3)]
+    return KontextTokens(
+        img=img, img_ids=img_ids, ctx=torch.cat(ctx, dim=1), ctx_ids=torch.cat(ctx_ids, dim=1),
+        height=height, width=width,
+    )
+
+
+def target_slice(pred: Tensor, n_img: int) -> Tensor:
+    """The target part (B, n_img, C) of a prediction over [target | contexts] (B, L, C)."""
+    return pred[:, :n_img]
