@@ -1,0 +1,130 @@
+"""Export of the transformer to the diffusers `FluxTransformer2DModel` layout.
+
+Follows the key mapping of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`:
+fused qkv / linear1 weights are split into separate q, k, v (and mlp) projections, and the
+final adaLN output is reordered from (shift, scale) to diffusers' (scale, shift). The
+per-block modulation order (shift, scale, gate) is the same in both layouts.
+diffusers hard-codes mlp_ratio 4, biased qkv and RoPE theta 10000, so only such models export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from kontext.model import CHECKPOINT_PREFIXES, FluxParams
+from kontext.weights import strip_prefix
+
+# Linear layers renamed one to one (both .weight and .bias).
+_TOP = {
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "txt_in": "context_embedder",
+    "img_in": "x_embedder",
+    "final_layer.linear": "proj_out",
+}
+_DOUBLE = {
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+_DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
+_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def check_exportable(params: FluxParams) -> None:
+    fixed = {"mlp_ratio": (params.mlp_ratio, 4.0), "qkv_bias": (params.qkv_bias, True), "theta": (params.theta, 10000)}
+    bad = [f"{k}={have} (diffusers needs {need})" for k, (have, need) in fixed.items() if have != need]
+    if bad:
+        raise ValueError("not representable as a diffusers FluxTransformer2DModel: " + ", ".join(bad))
+
+
+def diffusers_config(params: FluxParams) -> dict:
+    """The `config.json` of the equivalent diffusers `FluxTransformer2DModel`."""
+    check_exportable(params)
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": params.in_channels,
+        "out_channels": params.out_channels,
+        "num_layers": params.depth,
+        "num_single_layers": params.depth_single_blocks,
+        "attention_head_dim": params.head_dim,
+        "num_attention_heads": params.num_heads,
+        "joint_attention_dim": params.context_in_dim,
+        "pooled_projection_dim": params.vec_in_dim,
+        "guidance_embeds": params.guidance_embed,
+        "axes_dims_rope": list(params.axes_dim),
+    }
+
+
+def _swap_shift_scale(x: Tensor) -> Tensor:
+    shift, scale = x.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def bfl_to_diffusers(sd: Mapping[str, Tensor], params: FluxParams) -> dict[str, Tensor]:
+    """Convert a reference-layout state dict to diffusers names; every tensor must be used."""
+    check_exportable(params)
+    src = strip_prefix(sd, CHECKPOINT_PREFIXES)
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        used.add(key)
+        return src[key]
+
+    def linear(bfl: str, hf: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{bfl}.{kind}" in src:
+                out[f"{hf}.{kind}"] = take(f"{bfl}.{kind}")
+
+    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    for bfl, hf in _TOP.items():
+        linear(bfl, hf)
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = _swap_shift_scale(take(f"final_layer.adaLN_modulation.1.{kind}"))
+
+    for i in range(params.depth):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for bfl, hf in _DOUBLE.items():
+            linear(b + bfl, d + hf)
+        for bfl, hf in _DOUBLE_NORMS.items():
+            out[d + hf] = take(b + bfl)
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for kind in ("weight", "bias"):
+                for name, part in zip(names, take(f"{b}{stream}_attn.qkv.{kind}").chunk(3, dim=0), strict=True):
+                    out[f"{d}attn.{name}.{kind}"] = part
+
+    for i in range(params.depth_single_blocks):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for bfl, hf in _SINGLE.items():
+            linear(b + bfl, d + hf)
+        for bfl, hf in _SINGLE_NORMS.items():
+            out[d + hf] = take(b + bfl)
+        for kind in ("weight", "bias"):
+            parts = take(f"{b}linear1.{kind}").split([h, h, h, mlp], dim=0)
+            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
+                out[f"{d}{name}.{kind}"] = part
+
+    left = sorted(set(src) - used)
+    if left:
+        raise KeyError(f"{len(left)} tensors have no diffusers name (e.g. {', '.join(left[:5])})")
+    return {k: v.contiguous() for k, v in out.items()}

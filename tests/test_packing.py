@@ -1,0 +1,94 @@
+"""Kontext token packing: layout, ids, any number of contexts, and the target slice."""
+
+import pytest
+import torch
+
+from kontext.model import build_flux
+from kontext.packing import make_ids, pack, prepare, target_slice, txt_ids, unpack
+
+
+def test_pack_layout_and_round_trip():
+    x = torch.randn(2, 16, 6, 10)
+    tokens = pack(x)
+    assert tokens.shape == (2, 3 * 5, 64)
+    # token (row r, col c) holds channel c*4 + ph*2 + pw of pixel (2r + ph, 2c + pw)
+    for r, col, ch, ph, pw in [(0, 0, 0, 0, 0), (2, 4, 15, 1, 1), (1, 3, 7, 0, 1), (2, 0, 3, 1, 0)]:
+        assert tokens[1, r * 5 + col, ch * 4 + ph * 2 + pw] == x[1, ch, 2 * r + ph, 2 * col + pw]
+    assert torch.equal(unpack(tokens, 6, 10), x)
+
+
+def test_pack_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="even"):
+        pack(torch.randn(1, 16, 5, 4))
+
+
+def test_make_ids_and_txt_ids():
+    ids = make_ids(3, 4, 6, t=2)
+    assert ids.shape == (3, 2 * 3, 3) and ids.dtype == torch.float32
+    want = torch.tensor([[2, r, c] for r in range(2) for c in range(3)], dtype=torch.float32)
+    assert torch.equal(ids[0], want) and torch.equal(ids[2], want)
+    t = txt_ids(2, 7)
+    assert t.shape == (2, 7, 3) and not t.any()
+
+
+def test_prepare_context_ids_for_several_resolutions():
+    target = torch.randn(2, 16, 8, 8)
+    contexts = [torch.randn(2, 16, 4, 6), torch.randn(2, 16, 10, 2)]
+    tok = prepare(target, contexts)
+    assert tok.img.shape == (2, 16, 64) and tok.n_img == 16
+    assert tok.ctx.shape == (2, 6 + 5, 64) and tok.ctx_ids.shape == (2, 11, 3)
+    assert torch.equal(tok.img_ids, make_ids(2, 8, 8, t=0))
+    # i-th context: axis 0 == i, spatial ids start at 0 on its own grid
+    first, second = tok.ctx_ids[:, :6], tok.ctx_ids[:, 6:]
+    assert (first[..., 0] == 1).all() and (second[..., 0] == 2).all()
+    assert torch.equal(first[0, :, 1:], make_ids(1, 4, 6)[0, :, 1:])
+    assert torch.equal(second[0, :, 1:], make_ids(1, 10, 2)[0, :, 1:])
+    assert first[..., 1:].min() == 0 and second[..., 1:].min() == 0
+    assert torch.equal(tok.ctx[:, :6], pack(contexts[0])) and torch.equal(tok.ctx[:, 6:], pack(contexts[1]))
+
+    tokens, ids = tok.joint()
+    assert tokens.shape == (2, 27, 64) and ids.shape == (2, 27, 3)
+    assert torch.equal(tokens[:, :16], tok.img) and torch.equal(ids[:, 16:], tok.ctx_ids)
+    z = torch.randn_like(tok.img)
+    tokens, _ = tok.joint(z)
+    assert torch.equal(tokens[:, :16], z) and torch.equal(tokens[:, 16:], tok.ctx)
+    assert torch.equal(tok.unpack(target_slice(tokens, tok.n_img)), unpack(z, 8, 8))
+
+
+def test_prepare_without_context_is_plain_text_to_image():
+    target = torch.randn(1, 16, 4, 4)
+    tok = prepare(target, [])
+    tokens, ids = tok.joint()
+    assert tok.ctx.shape == (1, 0, 64) and tokens is tok.img and ids is tok.img_ids
+
+
+def test_prepare_rejects_mismatched_context():
+    with pytest.raises(ValueError, match="context 1"):
+        prepare(torch.randn(2, 16, 4, 4), [torch.randn(2, 8, 4, 4)])
+    with pytest.raises(ValueError, match="target tokens"):
+        prepare(torch.randn(1, 16, 4, 4), [torch.randn(1, 16, 4, 4)]).joint(torch.randn(1, 3, 64))
+
+
+def test_model_output_sliced_to_target_tokens():
+    model = build_flux("tiny").eval()
+    for p in model.parameters():  # leave adaLN-Zero so the output depends on the input
+        p.data.normal_(0, 0.1)
+    target, context = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 8)
+    txt, y, t, g = torch.randn(2, 5, 384), torch.randn(2, 384), torch.rand(2), torch.full((2,), 2.5)
+
+    def run(tok):
+        tokens, ids = tok.joint()
+        pred = model(tokens, ids, txt, txt_ids(2, 5), t, y, guidance=g)
+        assert pred.shape == (2, tokens.shape[1], 64)
+        return target_slice(pred, tok.n_img)
+
+    with torch.no_grad():
+        tok = prepare(target, [context])
+        out = run(tok)
+        assert out.shape == (2, 16, 64) and tok.unpack(out).shape == target.shape
+        # The target prediction sees the context and its ids; the context is never in the output.
+        assert not torch.allclose(out, run(prepare(target, [torch.randn_like(context)])), atol=1e-4)
+        moved = prepare(target, [context])
+        moved.ctx_ids[..., 0] = 0
+        assert not torch.allclose(out, run(moved), atol=1e-4)
+        assert not torch.allclose(out, run(prepare(target, [])), atol=1e-4)
