@@ -1,0 +1,236 @@
+"""The Euler sampler: oracle velocity fields, context tokens, guidance, CFG, explicit times, seeds."""
+
+import pytest
+import torch
+from torch import nn
+
+from kontext import packing
+from kontext.flow import schedule
+from kontext.sampling import denoise, get_noise, sample_latents
+
+
+class OracleModel(nn.Module):
+    """The exact velocity field of straight paths ending at known data ``x`` (B, L_img, C).
+
+    At time t the point z lies on the line from x to some noise, whose velocity is
+    (z - x) / t; Euler steps along it land on x exactly at t = 0 for any schedule. Context
+    positions get a large constant, so any leak of them into the sample shows. Every call is
+    recorded.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+        self.calls = []
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        self.calls.append(dict(img=img.clone(), img_ids=img_ids, txt=txt, t=timesteps, guidance=guidance))
+        n_img = self.x.shape[1]
+        t = timesteps[:, None, None]
+        v_img = (img[:, :n_img] - self.x.repeat(img.shape[0] // self.x.shape[0], 1, 1)) / t
+        v_ctx = torch.full_like(img[:, n_img:], 1e3)
+        return torch.cat([v_img, v_ctx], dim=1)
+
+
+class TextShiftModel(nn.Module):
+    """Velocity = z + mean of the text features per sample: CFG's effect is computable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        self.batch_sizes.append(img.shape[0])
+        return img + txt.mean(dim=(1, 2))[:, None, None] + y.mean(dim=1)[:, None, None]
+
+
+def _text(b=2, length=5, dim=8, vec_dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, length, dim, generator=g), torch.randn(b, vec_dim, generator=g)
+
+
+def test_get_noise_is_deterministic_for_a_seed():
+    a = get_noise(2, 8, 6, seed=7, device="cpu", dtype=torch.float32)
+    torch.manual_seed(123)  # the global RNG state plays no part
+    b = get_noise(2, 8, 6, seed=7, device="cpu", dtype=torch.float32)
+    c = get_noise(2, 8, 6, seed=8, device="cpu", dtype=torch.float32)
+    assert a.shape == (2, 16, 8, 6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # A bf16 run starts from the same numbers, rounded.
+    assert torch.equal(get_noise(2, 8, 6, seed=7, device="cpu", dtype=torch.bfloat16), a.bfloat16())
+    with pytest.raises(ValueError, match="even"):
+        get_noise(1, 7, 6, seed=0, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("context_sizes", [[], [(8, 8)], [(8, 8), (4, 6)]])
+def test_oracle_field_recovers_the_data_with_contexts_in_the_input_only(context_sizes):
+    b, h, w = 2, 8, 6
+    x = torch.randn(b, 16, h, w)
+    contexts = [torch.randn(b, 16, ch, cw) for ch, cw in context_sizes]
+    ref = packing.prepare(x, contexts)
+    n_img, n_ctx = ref.img.shape[1], sum(ch * cw // 4 for ch, cw in context_sizes)
+    model = OracleModel(ref.img)
+    txt, vec = _text(b)
+
+    out = sample_latents(model, contexts, txt, vec, height=h, width=w, steps=6, seed=3)
+
+    assert out.shape == (b, 16, h, w)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
+    assert len(model.calls) == 6
+    for call in model.calls:
+        # The model sees [img | ctx] with [img_ids | ctx_ids]; contexts are never modified.
+        assert call["img"].shape == (b, n_img + n_ctx, 64)
+        if n_ctx:
+            torch.testing.assert_close(call["img"][:, n_img:], ref.ctx)
+            torch.testing.assert_close(call["img_ids"], torch.cat([ref.img_ids, ref.ctx_ids], dim=1))
+        else:
+            torch.testing.assert_close(call["img_ids"], ref.img_ids)
+
+
+def test_schedule_uses_target_tokens_only():
+    b, h, w = 1, 8, 8
+    x = torch.randn(b, 16, h, w)
+    contexts = [torch.randn(b, 16, 16, 16)]
+    model = OracleModel(packing.prepare(x, contexts).img)
+    txt, vec = _text(b)
+    sample_latents(model, contexts, txt, vec, height=h, width=w, steps=5, seed=0)
+    seen = torch.stack([c["t"][0] for c in model.calls])
+    torch.testing.assert_close(seen, schedule(5, h * w // 4)[:-1])
+
+
+def test_constant_velocity_walks_the_straight_line_from_noise_to_data():
+    b, n, c = 2, 12, 64
+    x, noise = torch.randn(b, n, c), torch.randn(b, n, c)
+
+    class Straight(nn.Module):
+        def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+            return noise - x
+
+    ids = packing.make_ids(b, 6, 8, 0, "cpu")
+    txt, vec = _text(b)
+    txt_ids = packing.txt_ids(b, txt.shape[1])
+    out = denoise(Straight(), noise, ids, None, None, txt, txt_ids, vec, schedule(7, n))
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
+
+
+def test_explicit_timesteps_are_used_as_given():
+    b, h, w = 2, 4, 4
+    x = torch.randn(b, 16, h, w)
+    model = OracleModel(packing.pack(x))
+    txt, vec = _text(b)
+    times = [1.0, 0.9, 0.4, 0.0]
+    out = sample_latents(model, [], txt, vec, height=h, width=w, steps=50, seed=1, timesteps=times)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
+    assert [round(c["t"][0].item(), 6) for c in model.calls] == times[:-1]
+    assert all(c["t"].shape == (b,) for c in model.calls)
+    # Stopping early leaves the sample on the line at the last time: x + t (noise - x).
+    model = OracleModel(packing.pack(x))
+    part = sample_latents(model, [], txt, vec, height=h, width=w, seed=1, timesteps=torch.tensor([1.0, 0.5]))
+    noise = get_noise(b, h, w, seed=1, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(part, 0.5 * x + 0.5 * noise)
+
+
+def test_guidance_vector_is_filled_when_given():
+    b, h, w = 3, 4, 4
+    x = torch.randn(b, 16, h, w)
+    txt, vec = _text(b)
+    model = OracleModel(packing.pack(x))
+    sample_latents(model, [], txt, vec, height=h, width=w, steps=2, guidance=2.5)
+    assert all(torch.equal(c["guidance"], torch.full((b,), 2.5)) for c in model.calls)
+    model = OracleModel(packing.pack(x))
+    sample_latents(model, [], txt, vec, height=h, width=w, steps=2)
+    assert all(c["guidance"] is None for c in model.calls)
+
+
+def _one_step(model, txt, vec, cfg_scale=1.0, uncond=None, timesteps=(1.0, 0.0)):
+    img = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
+    ids = packing.make_ids(2, 4, 4, 0, "cpu")
+    txt_ids = packing.txt_ids(2, txt.shape[1])
+    out = denoise(
+        model, img, ids, None, None, txt, txt_ids, vec, timesteps, cfg_scale=cfg_scale, uncond=uncond
+    )
+    return img, out
+
+
+def test_cfg_scale_one_is_the_conditional_path():
+    txt, vec = _text(2, seed=1)
+    neg = _text(2, seed=2)
+    model = TextShiftModel()
+    _, plain = _one_step(model, txt, vec)
+    _, with_uncond = _one_step(model, txt, vec, cfg_scale=1.0, uncond=neg)
+    assert torch.equal(plain, with_uncond)
+    assert model.batch_sizes == [2, 2]  # the unconditional branch is not evaluated
+
+
+@pytest.mark.parametrize("neg_length", [5, 9])  # same length: one 2B forward; different: two forwards
+def test_true_cfg_combines_conditional_and_unconditional(neg_length):
+    txt, vec = _text(2, seed=1)
+    neg_txt, neg_vec = _text(2, length=neg_length, seed=2)
+    model = TextShiftModel()
+    img, out = _one_step(model, txt, vec, cfg_scale=4.0, uncond=(neg_txt, neg_vec))
+    shift = lambda t, v: (t.mean(dim=(1, 2)) + v.mean(dim=1))[:, None, None]
+    cond, neg = img + shift(txt, vec), img + shift(neg_txt, neg_vec)
+    torch.testing.assert_close(out, img - (neg + 4.0 * (cond - neg)))
+    assert model.batch_sizes == ([4] if neg_length == 5 else [2, 2])
+
+
+def test_cfg_accepts_one_empty_prompt_for_the_batch_and_needs_one():
+    txt, vec = _text(2, seed=1)
+    neg_txt, neg_vec = _text(1, seed=2)
+    _, out = _one_step(TextShiftModel(), txt, vec, cfg_scale=3.0, uncond=(neg_txt, neg_vec))
+    _, ref = _one_step(
+        TextShiftModel(), txt, vec, cfg_scale=3.0, uncond=(neg_txt.repeat(2, 1, 1), neg_vec.repeat(2, 1))
+    )
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="uncond"):
+        _one_step(TextShiftModel(), txt, vec, cfg_scale=3.0)
+    with pytest.raises(ValueError, match="two timesteps"):
+        _one_step(TextShiftModel(), txt, vec, timesteps=[1.0])
+
+
+def _tiny_flux():
+    from kontext.model import FLUX_PRESETS, Flux
+
+    torch.manual_seed(0)
+    model = Flux(FLUX_PRESETS["tiny"]).eval()
+    with torch.no_grad():  # the training init zeroes the output layer; make every path matter
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_real_model_sampling_is_deterministic_for_a_seed():
+    model = _tiny_flux()
+    p = model.params
+    b, h, w = 2, 8, 8
+    g = torch.Generator().manual_seed(0)
+    txt, vec = torch.randn(b, 7, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+    ctx = [torch.randn(b, 16, h, w, generator=g)]
+    kw = dict(height=h, width=w, steps=3, guidance=2.5 if p.guidance_embed else None)
+    a = sample_latents(model, ctx, txt, vec, seed=11, **kw)
+    torch.manual_seed(999)
+    b_ = sample_latents(model, ctx, txt, vec, seed=11, **kw)
+    c = sample_latents(model, ctx, txt, vec, seed=12, **kw)
+    assert a.shape == (b, 16, h, w) and torch.isfinite(a).all()
+    assert torch.equal(a, b_) and not torch.equal(a, c)
+    # The context changes the sample: it reaches the model.
+    d = sample_latents(model, [ctx[0] + 1], txt, vec, seed=11, **kw)
+    assert not torch.allclose(a, d)
+
+
+def test_real_model_batched_cfg_equals_separate_forwards():
+    model = _tiny_flux()
+    p = model.params
+    b, h, w = 2, 4, 4
+    g = torch.Generator().manual_seed(1)
+    txt, vec = torch.randn(b, 5, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+    neg_same = (torch.randn(b, 5, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g))
+    # The 2B forward of both branches against two plain conditional runs combined by hand.
+    kw = dict(height=h, width=w, seed=2, timesteps=[1.0, 0.0], guidance=2.5 if p.guidance_embed else None)
+    guided = sample_latents(model, [], txt, vec, cfg_scale=3.0, uncond=neg_same, **kw)
+    cond = sample_latents(model, [], txt, vec, **kw)
+    neg = sample_latents(model, [], *neg_same, **kw)
+    noise = get_noise(b, h, w, seed=2, device="cpu", dtype=torch.float32)
+    # One step from t=1 to 0: sample = noise - v, so v = noise - sample for each branch.
+    v = (noise - neg) + 3.0 * ((noise - cond) - (noise - neg))
+    torch.testing.assert_close(guided, noise - v, rtol=1e-4, atol=1e-4)
