@@ -110,20 +110,28 @@ class T5ClipEncoder(TextEncoder):
         super().__init__()
         from transformers import CLIPTextModel, T5EncoderModel
 
+        self.identity = self.identity_of(t5_path, clip_path, max_length, clip_max_length, dtype,
+                                         t5_tokenizer_path, clip_tokenizer_path)
         self.dtype = parse_dtype(dtype)
         self.max_length, self.clip_max_length = int(max_length), int(clip_max_length)
-        t5_tok_path = t5_tokenizer_path or t5_path
-        clip_tok_path = clip_tokenizer_path or clip_path
         self.t5 = load_model(T5EncoderModel, t5_path, "T5 encoder", ("t5", "umt5", "mt5"), self.dtype)
         self.clip = load_model(CLIPTextModel, clip_path, "CLIP text model", ("clip_text_model", "clip"), self.dtype)
-        self.t5_tokenizer = load_tokenizer(t5_tok_path, "T5 tokenizer")
-        self.clip_tokenizer = load_tokenizer(clip_tok_path, "CLIP tokenizer")
+        self.t5_tokenizer = load_tokenizer(t5_tokenizer_path or t5_path, "T5 tokenizer")
+        self.clip_tokenizer = load_tokenizer(clip_tokenizer_path or clip_path, "CLIP tokenizer")
         self.txt_dim = self.t5.config.d_model
         self.vec_dim = self.clip.config.hidden_size
-        digest = folder_digest([t5_path, t5_tok_path, clip_path, clip_tok_path])
-        self.identity = (f"{self.kind}:{digest}:L{self.max_length}:clipL{self.clip_max_length}:"
-                         f"{dtype_name(self.dtype)}")
         self._freeze()
+
+    @classmethod
+    def identity_of(cls, t5_path, clip_path, max_length: int = 512, clip_max_length: int = 77,
+                    dtype: str | torch.dtype = "float32", t5_tokenizer_path=None, clip_tokenizer_path=None) -> str:
+        """The identity an encoder built with these arguments has, without loading it."""
+        folders = [check_folder(t5_path, "T5 encoder", need_weights=True),
+                   check_folder(t5_tokenizer_path or t5_path, "T5 tokenizer", need_weights=False),
+                   check_folder(clip_path, "CLIP text model", need_weights=True),
+                   check_folder(clip_tokenizer_path or clip_path, "CLIP tokenizer", need_weights=False)]
+        return (f"{cls.kind}:{folder_digest(folders)}:L{int(max_length)}:clipL{int(clip_max_length)}:"
+                f"{dtype_name(parse_dtype(dtype))}")
 
     def _tokens(self, tokenizer, prompts: list[str], max_length: int, what: str) -> torch.Tensor:
         full = tokenizer(prompts, truncation=False, padding=False)["input_ids"]
@@ -152,14 +160,21 @@ class EmbeddedEncoder(TextEncoder):
         super().__init__()
         from transformers import AutoModel
 
+        self.identity = self.identity_of(max_length, dtype, path)
         self.dtype = parse_dtype(dtype)
         self.max_length = int(max_length)
         path = Path(path) if path is not None else embedded_model_path()
         self.model = load_model(AutoModel, path, "embedded text model", ("bert",), self.dtype)
         self.tokenizer = load_tokenizer(path, "embedded tokenizer")
         self.txt_dim = self.vec_dim = self.model.config.hidden_size
-        self.identity = f"{self.kind}:{folder_digest([path])}:L{self.max_length}:{dtype_name(self.dtype)}:zero-pad"
         self._freeze()
+
+    @classmethod
+    def identity_of(cls, max_length: int = 32, dtype: str | torch.dtype = "float32",
+                    path: str | os.PathLike | None = None) -> str:
+        """The identity an encoder built with these arguments has, without loading it."""
+        folder = check_folder(path if path is not None else embedded_model_path(), "embedded text model", True)
+        return f"{cls.kind}:{folder_digest([folder])}:L{int(max_length)}:{dtype_name(parse_dtype(dtype))}:zero-pad"
 
     def _encode(self, prompts: list[str]) -> TextFeatures:
         full = self.tokenizer(prompts, truncation=False, padding=False)["input_ids"]
@@ -175,20 +190,31 @@ class EmbeddedEncoder(TextEncoder):
         return TextFeatures(txt, vec)
 
 
+KINDS: dict[str, type[TextEncoder]] = {"t5_clip": T5ClipEncoder, "embedded": EmbeddedEncoder}
+
+
+def _kind(kind: str) -> type[TextEncoder]:
+    if kind not in KINDS:
+        raise TextEncoderError(f"unknown text encoder kind {kind!r}; choose one of {sorted(KINDS)}")
+    return KINDS[kind]
+
+
 def build_text_encoder(kind: str, txt_dim: int | None = None, vec_dim: int | None = None,
                        **kwargs) -> TextEncoder:
     """The Hydra entry (`_target_: kontext.text.build_text_encoder`). `txt_dim`/`vec_dim`, when
     given (the config states them so the model config can interpolate them), must match what
     the loaded encoder produces."""
-    kinds = {"t5_clip": T5ClipEncoder, "embedded": EmbeddedEncoder}
-    if kind not in kinds:
-        raise TextEncoderError(f"unknown text encoder kind {kind!r}; choose one of {sorted(kinds)}")
-    encoder = kinds[kind](**kwargs)
+    encoder = _kind(kind)(**kwargs)
     for name, stated in (("txt_dim", txt_dim), ("vec_dim", vec_dim)):
         if stated is not None and int(stated) != getattr(encoder, name):
             raise TextEncoderError(f"text encoder {kind!r}: config says {name}={stated} but the loaded "
                                    f"model gives {getattr(encoder, name)}")
     return encoder
+
+
+def text_encoder_identity(kind: str, txt_dim: int | None = None, vec_dim: int | None = None, **kwargs) -> str:
+    """`build_text_encoder(kind, **kwargs).identity` from the files alone (hashes, no model load)."""
+    return _kind(kind).identity_of(**kwargs)
 
 
 # ------------------------------------------------------------------------------- loading helpers

@@ -11,10 +11,25 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kontext.text import EmbeddedEncoder, T5ClipEncoder, TextEncoderError, build_text_encoder
+from kontext.text import (
+    EmbeddedEncoder,
+    T5ClipEncoder,
+    TextEncoderError,
+    build_text_encoder,
+    text_encoder_identity,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "text"
 WORDS = "a an the make remove add move red green blue circle square triangle in top left right on white background".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and stay fast when other processes share the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -124,6 +139,7 @@ def test_t5_clip_frozen_and_identity(tmp_path, tiny_folders):
     assert not feats.txt.requires_grad
 
     assert T5ClipEncoder(t5_path, clip_path, max_length=8).identity == enc.identity
+    assert text_encoder_identity("t5_clip", t5_path=t5_path, clip_path=clip_path, max_length=8) == enc.identity
     assert T5ClipEncoder(t5_path, clip_path, max_length=9).identity != enc.identity
     assert T5ClipEncoder(t5_path, clip_path, max_length=8, dtype="bfloat16").identity != enc.identity
     other_t5 = save_tiny_t5(tmp_path / "t5b", seed=1)
@@ -210,7 +226,8 @@ def test_embedded_from_config_offline(embedded):
     enc = instantiate(cfg)
     assert isinstance(enc, EmbeddedEncoder)
     assert (enc.txt_dim, enc.vec_dim, enc.max_length) == (384, 384, cfg.max_length)
-    assert enc.identity == embedded.identity
+    kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
+    assert enc.identity == embedded.identity == text_encoder_identity(**kwargs)
 
 
 def test_embedded_features(embedded):
