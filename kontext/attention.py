@@ -60,27 +60,28 @@ def apply_rope(q: Tensor, k: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- kernels
 
 
-_UNSET = object()
-_flash: tuple[str, Callable] | None | object = _UNSET
+def _find_flash_kernel() -> tuple[str, Callable] | None:
+    """(name, flash_attn_func) of the newest installed FlashAttention, or None."""
+    try:
+        from flash_attn_interface import flash_attn_func  # FlashAttention 3 (Hopper)
+
+        return "fa3", flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func  # FlashAttention 2
+
+        return "fa2", flash_attn_func
+    except ImportError:
+        return None
+
+
+# Looked up once at import, so that compiled blocks never trace an import.
+_FLASH = _find_flash_kernel()
 
 
 def _flash_kernel() -> tuple[str, Callable] | None:
-    """(name, flash_attn_func) of the newest installed FlashAttention, or None (looked up once)."""
-    global _flash
-    if _flash is _UNSET:
-        _flash = None
-        try:
-            from flash_attn_interface import flash_attn_func  # FlashAttention 3 (Hopper)
-
-            _flash = ("fa3", flash_attn_func)
-        except ImportError:
-            try:
-                from flash_attn import flash_attn_func  # FlashAttention 2
-
-                _flash = ("fa2", flash_attn_func)
-            except ImportError:
-                pass
-    return _flash
+    return _FLASH
 
 
 def flash_unsupported_reason(q: Tensor) -> str | None:

@@ -122,3 +122,23 @@ def test_bad_or_unavailable_backend_is_a_clear_error():
     if attn_mod._flash_kernel() is None:
         with pytest.raises(RuntimeError, match="flash_attn"):
             set_attention_backend("flash")
+
+
+def test_flash_path_layout(monkeypatch):
+    """The flash branch hands (B, L, H, D) tensors to the kernel and merges heads like SDPA."""
+    seen = []
+
+    def fake_flash(q, k, v):  # the flash_attn_func convention, built from SDPA
+        seen.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2), None  # some FA3 builds also return the log-sum-exp
+
+    monkeypatch.setattr(attn_mod, "_FLASH", ("fake", fake_flash))
+    monkeypatch.setattr(attn_mod, "flash_unsupported_reason", lambda q: None)
+    b, h, n, d = 2, 3, 5, sum(AXES)
+    pe = EmbedND(d, THETA, AXES)(_ids(b, n))
+    q, k, v = torch.randn(3, b, h, n, d).unbind(0)
+    set_attention_backend("flash")
+    out = attention(q, k, v, pe)
+    assert seen == [(b, n, h, d)]
+    torch.testing.assert_close(out, attention(q, k, v, pe, backend="sdpa"))
