@@ -1,0 +1,88 @@
+"""The data commands behind the thin scripts in `data/` (`key=value` arguments, see kontext.cli)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from kontext.cli import parse_args
+from kontext.errors import KontextError
+
+SHAPES_USAGE = """usage: python data/shapes_edit.py out=DIR [n=10000] [seed=0] [split=train] [size=64]
+    [mix=recolor=1,remove=1,add=1,move=1,background=1,t2i=1] [shard_size=1000] [start=0] [paraphrase=false]
+Writes Shapes-Edit cases start..start+n-1 of (split, seed) as PNG shards DIR/shapes-SPLIT-SEED-%06d.tar."""
+
+IMPORT_USAGE = """usage: python data/import_pairs.py out=DIR (folder=TARGETS [references=[REFS_A,REFS_B]] | manifest=FILE.jsonl)
+    [prefix=pairs] [shard_size=1000] [task=null] [source=null] [min_side=16] [allow_empty=false] [report=FILE.json]
+Checks every pair and writes whole samples only; prints (and saves) what was skipped and why."""
+
+INSPECT_USAGE = """usage: python data/inspect_shards.py shards=SPEC [grid=FILE.png] [grid_samples=16] [cell=128] [json=FILE.json]
+SPEC: a directory, a brace pattern (dir/shapes-{000000..000009}.tar), a glob or a URL."""
+
+
+def shapes_edit_main(argv: list[str]) -> list[str]:
+    from kontext import shapes_edit
+    from kontext.data.writers import write_shapes_edit
+
+    a = parse_args(argv, {"out": "???", "n": 10000, "seed": 0, "split": "train", "size": 64, "mix": None,
+                          "shard_size": 1000, "start": 0, "paraphrase": False}, SHAPES_USAGE)
+    try:
+        shapes_edit.check_size(a["size"])
+        shapes_edit.parse_mix(a["mix"])
+        shapes_edit.case_rng(a["split"], 0, 0)
+    except ValueError as e:
+        raise KontextError(str(e)) from e
+    t0 = time.perf_counter()
+    shards = write_shapes_edit(a["out"], a["n"], seed=a["seed"], split=a["split"], size=a["size"], mix=a["mix"],
+                               shard_size=a["shard_size"], start=a["start"], paraphrase=a["paraphrase"])
+    print(f"wrote {a['n']} samples in {len(shards)} shards to {a['out']} ({time.perf_counter() - t0:.1f} s)")
+    return shards
+
+
+def import_main(argv: list[str]):
+    from kontext.data.importers import import_folder, import_jsonl
+    from kontext.data.writers import ShardWriter
+
+    a = parse_args(argv, {"out": "???", "folder": None, "references": [], "manifest": None, "prefix": "pairs",
+                          "shard_size": 1000, "task": None, "source": None, "min_side": 16,
+                          "allow_empty": False, "report": None}, IMPORT_USAGE)
+    if (a["folder"] is None) == (a["manifest"] is None):
+        raise KontextError("give exactly one of folder=... or manifest=...")
+    src = Path(a["folder"] or a["manifest"])
+    if not src.exists():
+        raise KontextError(f"{src} does not exist")
+    refs = [a["references"]] if isinstance(a["references"], str) else list(a["references"])
+    for r in refs:
+        if not Path(r).is_dir():
+            raise KontextError(f"reference folder {r} does not exist")
+    writer = ShardWriter(str(Path(a["out"]) / f"{a['prefix']}-%06d.tar"), maxcount=a["shard_size"])
+    common = {"task": a["task"], "source": a["source"], "min_side": a["min_side"], "allow_empty": a["allow_empty"]}
+    if a["folder"] is not None:
+        report = import_folder(src, refs, writer, **common)
+    else:
+        report = import_jsonl(src, writer, **common)
+    print(report.summary())
+    for item, reason in report.skipped[:20]:
+        print(f"  skipped {item}: {reason}")
+    if a["report"]:
+        report.to_json(a["report"])
+    return report
+
+
+def inspect_main(argv: list[str]):
+    from kontext.data.inspect import picture_grid, summarize
+
+    a = parse_args(argv, {"shards": "???", "grid": None, "grid_samples": 16, "cell": 128, "json": None},
+                   INSPECT_USAGE)
+    try:
+        summary, keep = summarize(a["shards"], a["grid_samples"] if a["grid"] else 0)
+    except FileNotFoundError as e:
+        raise KontextError(str(e)) from e
+    print(summary.table())
+    if a["grid"]:
+        picture_grid(keep, a["cell"]).save(a["grid"])
+        print(f"picture grid of {len(keep)} samples: {a['grid']}")
+    if a["json"]:
+        Path(a["json"]).write_text(json.dumps(summary.to_dict(), indent=1))
+    return summary

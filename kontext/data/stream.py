@@ -1,0 +1,274 @@
+"""One data-loading worker's deterministic stream: shards -> samples -> buckets -> batches.
+
+Everything a worker yields is a pure function of (config, epoch, rank, worker), so a resumed
+run can replay a worker's stream, skip the batches it already delivered without decoding them
+(sizes come from image headers; pixels are decoded only after batching), and carry on with data
+it has not seen. Reading uses webdataset's tar iterators and `gopen` (local paths, http(s),
+`pipe:` commands); the shard split over ranks and workers is done here, by slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from kontext.data.buckets import bucket_size, fit, preferred_size
+from kontext.data.format import FormatError, Sample, decode_image, from_record, image_size
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """Most samples are unreadable: the data, not one sample, is broken."""
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = 8
+    mode: str = "resampled"  # "resampled": shards drawn with replacement; "exact": each sample once
+    max_area: int = 64 * 64  # bucket area in pixels
+    max_aspect: float = 4.0
+    reference_size: str = "bucket"  # "bucket": the target's bucket; "preferred": own Kontext size
+    t2i_fraction: float = 0.0  # edit samples whose references are dropped
+    instruction_dropout: float = 0.0  # samples whose instruction becomes ""
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000  # samples; 0 keeps the shard order
+    drop_last: bool = False  # exact mode: drop the partial batch left in each bucket at the end
+    payload: str = "image"  # "image" or "features" (cached latents / text features, no decoding)
+    seed: int = 0
+    max_bad_fraction: float = 0.5
+    min_checked: int = 64  # samples read before the bad-fraction check applies
+
+    def __post_init__(self):
+        checks = {"mode": ("resampled", "exact"), "reference_size": ("bucket", "preferred"),
+                  "payload": ("image", "features")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.batch_size < 1 or not 0 <= self.t2i_fraction <= 1 or not 0 <= self.instruction_dropout <= 1:
+            raise ValueError("batch_size >= 1 and fractions in [0, 1] are required")
+
+
+def make_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+
+
+@dataclass
+class Stats:
+    seen: int = 0
+    corrupt: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def bad(self, key: str, err: Exception) -> None:
+        self.corrupt += 1
+        reason = str(err).split(": ", 1)[-1].split(" @ ")[0][:80]
+        self.reasons[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{key}: {err}")
+
+    def minus(self, base: Stats) -> dict:
+        return {"seen": self.seen - base.seen, "corrupt": self.corrupt - base.corrupt,
+                "reasons": dict(self.reasons - base.reasons), "examples": list(self.examples)}
+
+
+def assign_shards(urls: list[str], cfg: StreamConfig, epoch: int, slot: int, slots: int) -> Iterator[str]:
+    """The shards of one (rank, worker) slot. Exact: a permutation shared by all ranks, dealt
+    round-robin, so every shard goes to exactly one slot. Resampled: endless draws."""
+    if cfg.mode == "exact":
+        order = list(urls)
+        if cfg.shuffle_shards:
+            random.Random(make_seed(cfg.seed, epoch, "shards")).shuffle(order)
+        yield from order[slot::slots]
+    else:
+        rng = random.Random(make_seed(cfg.seed, epoch, slot, "resample"))
+        while True:
+            yield rng.choice(urls)
+
+
+@dataclass
+class Item:
+    sample: Sample
+    signature: tuple  # equal signatures stack into one batch
+    sizes: tuple = ()  # image mode: ((W, H) of the target, (W, H) of each reference)
+
+
+class WorkerStream:
+    """Batches for one slot; `skip` batches are replayed without decoding, `budget` caps the rest."""
+
+    def __init__(self, urls: list[str], cfg: StreamConfig, epoch: int, slot: int, slots: int,
+                 skip: int = 0, budget: int | None = None, empty_prompt: dict | None = None):
+        self.urls, self.cfg, self.epoch, self.slot, self.slots = urls, cfg, epoch, slot, slots
+        self.skip, self.budget, self.empty_prompt = skip, budget, empty_prompt
+        self.stats = Stats()
+        self._rng = random.Random(make_seed(cfg.seed, epoch, slot, "samples"))
+
+    def _read_error(self, exn: Exception) -> bool:
+        self.stats.bad("<shard>", exn)
+        log.warning("shard read error (skipped): %s", exn)
+        return True
+
+    def records(self) -> Iterator[dict]:
+        shards = ({"url": u} for u in assign_shards(self.urls, self.cfg, self.epoch, self.slot, self.slots))
+        return wds.tariterators.tarfile_samples(shards, handler=self._read_error)
+
+    def _check_health(self) -> None:
+        s, c = self.stats, self.cfg
+        if s.seen >= c.min_checked and s.corrupt > c.max_bad_fraction * s.seen:
+            raise DataError(
+                f"{s.corrupt} of {s.seen} samples read so far are unreadable (limit {c.max_bad_fraction:.0%}); "
+                f"reasons {dict(s.reasons)}; e.g. {s.examples[:3]}. Check the shard paths and format.")
+
+    def items(self, records: Iterable[dict]) -> Iterator[Item]:
+        c = self.cfg
+        for rec in records:
+            self.stats.seen += 1
+            key = rec.get("__key__", "?")
+            try:
+                sample = from_record(rec, features=c.payload == "features")
+                if c.payload == "image" and sample.target is None:
+                    raise FormatError(f"{key}: no target image")
+            except FormatError as e:
+                self.stats.bad(key, e)
+                self._check_health()
+                continue
+            has_refs = bool(sample.references) or _n_ref_latents(sample.features) > 0
+            if has_refs and self._rng.random() < c.t2i_fraction:
+                sample.references = []
+                sample.features = {k: v for k, v in sample.features.items() if not k.startswith("ref")}
+            if self._rng.random() < c.instruction_dropout:
+                sample.instruction = ""
+            try:
+                yield self._signed(sample)
+            except (FormatError, KeyError, ValueError) as e:
+                self.stats.bad(key, e)
+                self._check_health()
+
+    def _signed(self, s: Sample) -> Item:
+        c = self.cfg
+        if c.payload == "features":
+            refs = tuple(tuple(s.features[f"ref{i}_latent"].shape) for i in range(_n_ref_latents(s.features)))
+            shapes = tuple((k, tuple(v.shape)) for k, v in sorted(s.features.items()) if not k.startswith("ref"))
+            return Item(s, (shapes, refs))
+        bucket = bucket_size(*image_size(s.target), c.max_area, c.max_aspect)
+        if c.reference_size == "bucket":
+            ref_sizes = tuple(bucket for _ in s.references)
+        else:
+            ref_sizes = tuple(preferred_size(*image_size(r), c.max_area) for r in s.references)
+        return Item(s, (bucket, ref_sizes), (bucket, ref_sizes))
+
+    def shuffled(self, items: Iterable[Item]) -> Iterator[Item]:
+        n = self.cfg.shuffle_buffer
+        if n <= 1:
+            yield from items
+            return
+        buf: list[Item] = []
+        for item in items:
+            if len(buf) < n:
+                buf.append(item)
+                continue
+            j = self._rng.randrange(n)
+            buf[j], item = item, buf[j]
+            yield item
+        self._rng.shuffle(buf)
+        yield from buf
+
+    def bucketed(self, items: Iterable[Item]) -> Iterator[list[Item]]:
+        pending: dict[tuple, list[Item]] = {}
+        for item in items:
+            group = pending.setdefault(item.signature, [])
+            group.append(item)
+            if len(group) == self.cfg.batch_size:
+                yield pending.pop(item.signature)
+        if not self.cfg.drop_last:
+            yield from pending.values()
+
+    def __iter__(self) -> Iterator[dict]:
+        base = Stats()
+        for b, group in enumerate(self.bucketed(self.shuffled(self.items(self.records())))):
+            if self.budget is not None and b >= self.skip + self.budget:
+                break
+            if b < self.skip:
+                if b == self.skip - 1:  # the counts the original run had reported with this batch
+                    base = Stats(self.stats.seen, self.stats.corrupt, Counter(self.stats.reasons))
+                continue
+            batch = self.collate(group)
+            batch.update(_batch=b, _stats=self.stats.minus(base))
+            yield batch
+        # A final marker carries the counts of samples dropped after the last batch.
+        yield {"_batch": None, "_stats": self.stats.minus(base)}
+
+    # -------------------------------------------------------------------------------- collation
+    def collate(self, group: list[Item]) -> dict:
+        kept, images = [], []
+        for item in group:
+            try:
+                images.append(self._decode(item) if self.cfg.payload == "image" else None)
+                kept.append(item)
+            except FormatError as e:
+                self.stats.bad(item.sample.key, e)
+                self._check_health()
+        if not kept:
+            return {"_empty": True}
+        batch: dict[str, Any] = {
+            "instruction": [i.sample.instruction for i in kept],
+            "task": [i.sample.task for i in kept],
+            "key": [i.sample.key for i in kept],
+        }
+        if self.cfg.payload == "image":
+            n_refs = len(kept[0].sample.references)
+            batch["target"] = _to_tensor([im[0] for im in images])
+            batch["references"] = [_to_tensor([im[1 + r] for im in images]) for r in range(n_refs)]
+        else:
+            batch.update(self._features(kept))
+        return batch
+
+    def _decode(self, item: Item) -> list[np.ndarray]:
+        bucket, ref_sizes = item.sizes
+        out = [np.asarray(fit(decode_image(item.sample.target), bucket))]
+        for data, size in zip(item.sample.references, ref_sizes, strict=True):
+            out.append(np.asarray(fit(decode_image(data), size)))
+        return out
+
+    def _features(self, kept: list[Item]) -> dict:
+        feats = [dict(i.sample.features) for i in kept]
+        if self.empty_prompt is not None:
+            for f, i in zip(feats, kept, strict=True):
+                if i.sample.instruction == "":
+                    f.update(self.empty_prompt)
+        n_refs = _n_ref_latents(feats[0])
+        out: dict[str, Any] = {
+            "reference_latents": [_stack([f[f"ref{r}_latent"] for f in feats]) for r in range(n_refs)]}
+        for name in feats[0]:
+            if not name.startswith("ref"):
+                out[name] = _stack([f[name] for f in feats])
+        return out
+
+
+def _n_ref_latents(features: dict) -> int:
+    n = 0
+    while f"ref{n}_latent" in features:
+        n += 1
+    return n
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    # NumPy, not torch: small element-wise ops under torch's intra-op threads can be slower
+    # than the decode itself when the CPU is shared.
+    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # (B, 3, H, W)
+    x *= 1 / 127.5
+    x -= 1.0
+    return torch.from_numpy(x)  # in [-1, 1]
+
+
+def _stack(values: list[Any]) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(v) for v in values])
