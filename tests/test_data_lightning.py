@@ -67,4 +67,4 @@ def test_datamodule_config_instantiates(shards):
     loader = dm.train_dataloader()
     assert isinstance(loader, KontextLoader) and len(loader) == 20000 // 32
     batch = next(iter(loader))
-    assert batch["target"].shape == (32, 3, 64, 64) or batch["target"].shape[2:] == (32, 32)
+    assert batch["target"].shape == (32, 3, 64, 64)  # 32 px shards scaled up to the 64 x 64 bucket

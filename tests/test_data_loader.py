@@ -237,6 +237,9 @@ def test_feature_payload_without_images(tmp_path):
                      "vec": rng.standard_normal(12, dtype=np.float32) + 1}
             if i % 2:
                 feats["ref0_latent"] = rng.standard_normal((16, 4, 6), dtype=np.float32)
+            if i % 3 == 0:  # torch tensors are stored as one safetensors blob, bf16 included
+                feats = {k: torch.from_numpy(v).to(torch.bfloat16 if k == "target_latent" else torch.float32)
+                         for k, v in feats.items()}
             w.write(Sample(f"f{i:03d}", f"do {i}", None, [], {"task": "edit" if i % 2 else "t2i"}, feats))
     cfg = StreamConfig(batch_size=4, mode="exact", payload="features", shuffle_buffer=0, instruction_dropout=0.5)
     batches = list(KontextLoader(str(tmp_path), cfg, empty_prompt=empty))
@@ -244,6 +247,7 @@ def test_feature_payload_without_images(tmp_path):
     n_dropped = 0
     for b in batches:
         assert b["target_latent"].shape[1:] == (16, 4, 4) and "target" not in b
+        assert b["target_latent"].dtype == (torch.bfloat16 if int(b["key"][0][1:]) % 3 == 0 else torch.float32)
         assert all(len(b["reference_latents"]) == int(k[1:]) % 2 for k in b["key"])
         for j, text in enumerate(b["instruction"]):
             is_empty = bool((b["txt"][j] == 0).all()) and bool((b["vec"][j] == 0).all())

@@ -92,7 +92,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:
         raise FormatError(f"undecodable image: {e}") from e
 
@@ -134,10 +134,18 @@ def to_record(sample: Sample, *, verify: bool = True) -> dict[str, Any]:
         for data in [sample.target, *sample.references]:
             if data is not None:
                 decode_image(data)
-    for name, value in sample.features.items():
-        if name == "features" or "." in name or not KEY_RE.fullmatch(name):
+    for name in sample.features:
+        if name == "features" or not KEY_RE.fullmatch(name):
             raise FormatError(f"bad feature name {name!r}")
-        record[f"{name}.npy"] = _feature_bytes(value)
+    if any(type(v).__module__.startswith("torch") for v in sample.features.values()):
+        # torch tensors (bf16 included) go into one safetensors blob
+        import torch
+        from safetensors.torch import save
+
+        record[FEATURES] = save({k: torch.as_tensor(v).contiguous() for k, v in sample.features.items()})
+    else:
+        for name, value in sample.features.items():
+            record[f"{name}.npy"] = _feature_bytes(value)
     record[META] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return record
 

@@ -157,7 +157,8 @@ class WorkerStream:
         c = self.cfg
         if c.payload == "features":
             refs = tuple(tuple(s.features[f"ref{i}_latent"].shape) for i in range(_n_ref_latents(s.features)))
-            shapes = tuple((k, tuple(v.shape)) for k, v in sorted(s.features.items()) if not k.startswith("ref"))
+            shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(s.features.items())
+                           if not k.startswith("ref"))
             return Item(s, (shapes, refs))
         bucket = bucket_size(*image_size(s.target), c.max_area, c.max_aspect)
         if c.reference_size == "bucket":
