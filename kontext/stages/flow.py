@@ -1,0 +1,175 @@
+"""The rectified-flow training stage (FLUX.1 Kontext paper §3): a LightningModule that wires
+the network, the frozen encoders, the objective and the EMA together and owns no math.
+
+One step: target latents x and context latents y_i -> packed tokens with their ids
+(`kontext.packing`), t from the logit-normal with a mode set by the target token count,
+z_t = (1 - t) x + t eps, v = model([z_t | y], ...) sliced to the target tokens, MSE to eps - x
+(`kontext.flow`). Text-to-image batches carry no context tokens. Batches come either as
+images (encoded here by the frozen autoencoder and text encoder) or as cached features.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from kontext import flow, packing
+from kontext.ema import EMA
+from kontext.model import Flux, FluxParams, load_flux
+
+
+class FlowStage(L.LightningModule):
+    def __init__(
+        self,
+        model: FluxParams,
+        autoencoder: Any = None,
+        text: Any = None,
+        init_from: str | None = None,
+        optimizer: dict | None = None,
+        ema_decay: float = 0.999,
+        time_sampling: dict | None = None,
+        train_guidance: float = 1.0,
+        validation: dict | None = None,
+        finish: dict | None = None,
+    ):
+        super().__init__()
+        self.params = model
+        self.model = Flux(model)
+        if init_from:
+            self.model.load_state_dict(load_flux(init_from, model).state_dict())
+        self.ema = EMA(self.model, decay=ema_decay)
+        # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
+        self._frozen = {"autoencoder": autoencoder, "text": text}
+        self.optim_cfg = {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100,
+                          "decay": "cosine", "min_lr_ratio": 0.1, **(optimizer or {})}
+        self.time_cfg = {"sigma": 1.0, "mu": "auto", **(time_sampling or {})}
+        self.train_guidance = train_guidance
+        self.val_cfg = {"every_n_steps": 0, "cases_per_op": 8, "steps": 20, **(validation or {})}
+        self.finish_cfg = finish or {}
+        self.last_batch_size = 0
+        self._last_ema_step = -1
+        self.loss_history: list[tuple[int, float]] = []
+
+    @property
+    def autoencoder(self):
+        return self._frozen["autoencoder"]
+
+    @property
+    def text(self):
+        return self._frozen["text"]
+
+    def on_fit_start(self) -> None:
+        for enc in self._frozen.values():
+            if enc is not None:
+                enc.to(self.device)
+
+    # -- inputs -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """(target latent (B,16,h,w), context latents, txt (B,L,D), vec (B,D)) from a batch
+        of cached features or of images."""
+        if "target_latent" in batch:
+            x = batch["target_latent"]
+            ctx = list(batch.get("reference_latents", []))
+        else:
+            if self.autoencoder is None:
+                raise ValueError("image batches need an autoencoder; configure one or train on cached features")
+            x = self.autoencoder.encode(batch["target"])
+            ctx = [self.autoencoder.encode(r) for r in batch.get("references", [])]
+        if "txt" in batch:
+            txt, vec = batch["txt"], batch["vec"]
+        else:
+            feats = self.text.encode(list(batch["instruction"]))
+            txt, vec = feats.txt, feats.vec
+        return x, ctx, txt.to(x.dtype), vec.to(x.dtype)
+
+    def mu(self, n_img: int) -> float:
+        mu = self.time_cfg["mu"]
+        return flow.mu_for_tokens(n_img) if mu == "auto" else float(mu)
+
+    # -- training ------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x, ctx, txt, vec = self.encode_batch(batch)
+        tokens = packing.prepare(x, ctx)
+        b, n_img = tokens.img.shape[0], tokens.n_img
+        noise = torch.randn_like(tokens.img)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], device=x.device)
+        z_t = flow.interpolate(tokens.img, noise, t)
+        img, img_ids = tokens.joint(z_t)
+        guidance = None
+        if self.params.guidance_embed:
+            guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=x.dtype)
+        pred = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x.device),
+                          t.to(x.dtype), vec, guidance)
+        loss = flow.flow_loss(packing.target_slice(pred, n_img), flow.velocity_target(tokens.img, noise))
+        self.last_batch_size = b
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        if batch_idx % 10 == 0:
+            self.loss_history.append((self.trainer.global_step, float(loss)))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.trainer.global_step
+        if step != self._last_ema_step:  # an optimizer step happened (accumulation-safe)
+            self._last_ema_step = step
+            self.ema.update(self.model)
+            every = self.val_cfg["every_n_steps"]
+            if every and step % every == 0 and self.trainer.is_global_zero:
+                self.quick_benchmark(step)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]),
+        )
+        total = max(int(self.trainer.max_steps), 1)
+        warmup, floor, kind = int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"]), cfg["decay"]
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if kind == "cosine":
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            if kind == "linear":
+                return floor + (1 - floor) * (1 - progress)
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def pipeline(self, use_ema: bool = True):
+        from kontext.pipeline import KontextPipeline
+
+        model = self.ema.model if use_ema else self.model
+        return KontextPipeline(model, self.autoencoder, self.text, **self.finish_cfg.get("sampler", {}))
+
+    def quick_benchmark(self, step: int) -> None:
+        from kontext.benchmark import run_benchmark
+
+        start = time.perf_counter()
+        report = run_benchmark(self.pipeline(), n_per_op=self.val_cfg["cases_per_op"],
+                               steps=self.val_cfg["steps"], chains=0)
+        metrics = {f"val/{k}": v for k, v in report.flat_metrics().items()}
+        metrics["val/seconds"] = time.perf_counter() - start
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        per_op = ", ".join(f"{op} {r['pass_rate']:.2f}" for op, r in report.per_op.items())
+        self.print(f"step {step}: benchmark pass rate {report.overall['pass_rate']:.3f} ({per_op})")
+
+    def finish(self, run_dir: Path, datamodule=None, timings: dict | None = None) -> dict:
+        from kontext.stages.flow_finish import finish_flow_run
+
+        return finish_flow_run(self, Path(run_dir), timings or {}, **self.finish_cfg)
