@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from kontext.attention import set_attention_backend
 from kontext.errors import KontextError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -61,6 +62,7 @@ def _run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    set_attention_backend(cfg.get("attention", "auto"))
     timings: dict[str, float] = {}
 
     for name, step in (cfg.get("prepare") or {}).items():
