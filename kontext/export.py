@@ -1,0 +1,133 @@
+"""Export a trained model as files other people and tools can load.
+
+    python -m kontext.export source=outputs/train/default out=exports/shapes diffusers=true
+
+`source` is a run directory, a flow-stage Lightning checkpoint or an export folder. The
+export folder holds:
+
+- `transformer.safetensors`: the EMA transformer in the reference (BFL) key layout, which
+  the reference FLUX code and our `load_flux` read; its FluxParams are in the file metadata;
+- `ae.safetensors`: the autoencoder in the reference layout (with its params and scale/shift);
+- `config.json`: model and autoencoder params, the text encoder (kind, identity, build
+  config) and the sampler defaults, including an explicit timestep list for a distilled student;
+- with `diffusers=true`, `transformer/`: the same transformer as a diffusers
+  `FluxTransformer2DModel` folder (`config.json` + `diffusion_pytorch_model.safetensors`,
+  keys converted by :mod:`kontext.diffusers_format`).
+
+Everything is written into a temporary folder beside `out` and renamed into place at the
+end, so a failed export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from kontext.errors import KontextError
+from kontext.loading import EXPORT_FORMAT, load_pipeline
+from kontext.pipeline import KontextPipeline
+
+EXPORT_VERSION = 1
+USAGE = """usage: python -m kontext.export source=RUN_DIR|CKPT|EXPORT out=FOLDER [diffusers=false] [overwrite=false]
+  source     run directory, flow-stage .ckpt or export folder
+  out        folder to write (must not exist unless overwrite=true)
+  diffusers  also write a diffusers FluxTransformer2DModel folder under out/transformer"""
+
+
+def text_config(pipe: KontextPipeline) -> dict:
+    """How to rebuild the pipeline's text encoder: the loader's record, else what the encoder knows."""
+    if pipe.text_config:
+        return {k: v for k, v in pipe.text_config.items() if k != "_target_"}
+    text = pipe.text
+    config = {"kind": text.kind, "max_length": int(text.max_length)}
+    if hasattr(text, "dtype"):
+        config["dtype"] = str(text.dtype).removeprefix("torch.")
+    return config
+
+
+def export_config(pipe: KontextPipeline) -> dict:
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model": asdict(pipe.model.params),
+        "autoencoder": asdict(pipe.autoencoder.current_params()),
+        "text": {"kind": pipe.text.kind, "identity": pipe.text.identity, "config": text_config(pipe)},
+        "sampler": pipe.sampler.to_dict(),
+        "source": pipe.source,
+    }
+
+
+def write_diffusers_transformer(model, folder: Path) -> Path:
+    """A diffusers `FluxTransformer2DModel` folder for `model` (a `Flux`)."""
+    from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
+    from kontext.weights import save_safetensors
+
+    try:
+        config = diffusers_config(model.params)
+        sd = bfl_to_diffusers(model.state_dict(), model.params)
+    except (ValueError, KeyError) as err:
+        raise KontextError(f"cannot export to diffusers: {err}") from err
+    try:
+        import diffusers
+
+        config["_diffusers_version"] = diffusers.__version__
+    except ImportError:
+        config["_diffusers_version"] = "0.32.0"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sd, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLike, diffusers: bool = False,
+           overwrite: bool = False) -> Path:
+    """Write the export folder `out_dir` (see the module docstring) and return its path."""
+    from kontext.autoencoder import save_autoencoder
+    from kontext.model import save_flux
+
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not overwrite:
+        raise KontextError(f"{out_dir} already exists (pass overwrite=true to replace it)")
+    pipe = source if isinstance(source, KontextPipeline) else load_pipeline(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        save_flux(pipe.model, tmp / "transformer.safetensors", metadata={"kontext.export_version": str(EXPORT_VERSION)})
+        save_autoencoder(pipe.autoencoder, tmp / "ae.safetensors")
+        (tmp / "config.json").write_text(json.dumps(export_config(pipe), indent=2) + "\n")
+        if diffusers:
+            write_diffusers_transformer(pipe.model, tmp / "transformer")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+        if out_dir.exists():  # overwrite: move the old folder aside first, drop it after the rename
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str]) -> None:
+    from kontext.cli import parse_args
+
+    args = parse_args(argv, {"source": "???", "out": "???", "diffusers": False, "overwrite": False}, USAGE)
+    out = export(str(args["source"]), str(args["out"]), diffusers=bool(args["diffusers"]),
+                 overwrite=bool(args["overwrite"]))
+    print(f"exported {args['source']} to {out}")
+
+
+if __name__ == "__main__":
+    from kontext.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,128 @@
+"""The Shapes-Edit benchmark: aggregation checked with oracle pipelines, the real batched path,
+the report formats and the command."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tiny_kontext import tiny_pipeline, write_run_dir
+
+from kontext.benchmark import main, run_benchmark
+from kontext.shapes_edit import EDIT_OPS, OPS, benchmark_cases, make_chain
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Oracle:
+    """Answers every benchmark case and chain turn with the exact target, except that ops in
+    `blank` get a blank canvas (of a colour that is no background) and ops in `unchanged` get
+    the reference back. A reference it never made (after a chain drifted) comes back unchanged."""
+
+    def __init__(self, n_per_op, chains, turns, blank=(), unchanged=()):
+        self.answers = {}
+        for case in benchmark_cases(n_per_op):
+            self.answers[self.key(case.reference, case.instruction)] = (case.op, case.target)
+        for j in range(chains):
+            chain = make_chain(turns, index=j)
+            for k, edit in enumerate(chain.edits):
+                self.answers[self.key(chain.renders[k], edit.instruction)] = (edit.op, chain.renders[k + 1])
+        self.blank, self.unchanged = set(blank), set(unchanged)
+        self.calls = []
+
+    @staticmethod
+    def key(reference, prompt):
+        return prompt, None if reference is None else reference.tobytes()
+
+    def edit(self, references, prompts, seeds, **sampling):
+        self.calls.append((len(prompts), sampling))
+        outputs = []
+        for ref, prompt in zip(references, prompts, strict=True):
+            if self.key(ref, prompt) not in self.answers:
+                outputs.append(ref.copy())
+                continue
+            op, target = self.answers[self.key(ref, prompt)]
+            if op in self.blank:
+                outputs.append(Image.new("RGB", target.size, (0, 255, 255)))
+            elif op in self.unchanged:
+                outputs.append(ref.copy() if ref is not None else Image.new("RGB", target.size))
+            else:
+                outputs.append(target.copy())
+        return outputs
+
+
+def test_perfect_outputs_pass_everything():
+    oracle = Oracle(3, chains=2, turns=8)
+    report = run_benchmark(oracle, n_per_op=3, chains=2, turns=8, steps=4)
+    assert set(report.per_op) == set(OPS)
+    assert report.overall == {"n": 18, "pass_rate": 1.0, "edit_acc": 1.0, "keep_acc": 1.0}
+    assert [row["turn"] for row in report.drift] == list(range(1, 9))
+    assert all(row["pass_rate"] == 1.0 and row["n"] == 2 for row in report.drift)
+    # Batched: one call for the 15 edits, one for the 3 t2i cases, one per chain turn.
+    assert [n for n, _ in oracle.calls] == [15, 3] + [2] * 8
+    assert all(s["steps"] == 4 for _, s in oracle.calls) and report.sampler["steps"] == 4
+
+
+def test_blank_and_unchanged_outputs_fail_their_ops():
+    oracle = Oracle(4, chains=0, turns=8, blank={"remove", "t2i"}, unchanged={"recolor"})
+    report = run_benchmark(oracle, n_per_op=4, chains=0)
+    assert report.per_op["remove"]["pass_rate"] == 0.0 and report.per_op["t2i"]["pass_rate"] == 0.0
+    assert report.per_op["t2i"]["keep_acc"] == 0.0  # the background is wrong everywhere
+    assert report.per_op["recolor"]["pass_rate"] == 0.0
+    assert report.per_op["recolor"]["edit_acc"] == 0.0 and report.per_op["recolor"]["keep_acc"] == 1.0
+    for op in ("add", "move", "background"):
+        assert report.per_op[op]["pass_rate"] == 1.0
+    assert report.overall["pass_rate"] == pytest.approx(3 / 6)
+    assert report.drift == []
+    flat = report.flat_metrics()
+    assert flat["pass_rate"] == pytest.approx(0.5) and flat["remove/pass_rate"] == 0.0 and flat["add/keep_acc"] == 1.0
+    assert all(isinstance(v, float) for v in flat.values())
+
+
+def test_drift_counts_each_turn(tmp_path):
+    oracle = Oracle(1, chains=3, turns=4, unchanged=set(EDIT_OPS))
+    report = run_benchmark(oracle, n_per_op=1, chains=3, turns=4)
+    assert [row["pass_rate"] for row in report.drift] == [0.0] * 4
+    assert set(report.flat_metrics()) >= {f"drift/turn_{k}" for k in range(1, 5)}
+
+
+def test_report_formats(tmp_path):
+    report = run_benchmark(Oracle(2, chains=1, turns=2, blank={"move"}), n_per_op=2, chains=1, turns=2)
+    data = json.loads(report.to_json(tmp_path / "b.json"))
+    assert data["per_op"]["move"]["pass_rate"] == 0.0 and len(data["cases"]) == 12 and len(data["drift"]) == 2
+    assert json.loads((tmp_path / "b.json").read_text()) == data
+    md = report.to_markdown()
+    assert "| move | 2 | 0.000 |" in md and "| **overall** | 12 | 0.833 |" in md and "Wall time" in md
+    grid = Image.open(report.save_grid(tmp_path / "grid.png", scale=2))
+    assert grid.size == (7 * 128, 12 * 128)  # 2 examples per op; ref, 4-cell text, output, target
+
+
+def test_real_pipeline_runs_batched():
+    pipe = tiny_pipeline()
+    forwards = []
+    handle = pipe.model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    try:
+        report = run_benchmark(pipe, n_per_op=2, chains=2, turns=2, steps=2)
+    finally:
+        handle.remove()
+    # 10 edit cases in one batch, 2 t2i in another, 2 chains x 2 turns; 2 steps each.
+    assert forwards == [10, 10, 2, 2] + [2] * 4
+    assert report.overall["n"] == 12 and len(report.drift) == 2
+    assert report.sampler["steps"] == 2 and report.sampler["guidance"] == 1.0 and report.wall_time > 0
+    assert 0.0 <= report.overall["pass_rate"] <= 1.0
+
+
+def test_benchmark_command(tmp_path, capsys):
+    run = write_run_dir(tmp_path / "run", tiny_pipeline())
+    main([f"checkpoint={run}", "n=1", "chains=1", "turns=2", "steps=2", f"out={tmp_path / 'bench'}"])
+    printed = capsys.readouterr().out
+    assert "| operation | cases | pass rate |" in printed and "| **overall** | 6 |" in printed
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["benchmark.json", "benchmark.md", "grid.png"]
+    data = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert data["settings"]["model"].endswith("last.ckpt") and data["sampler"]["steps"] == 2

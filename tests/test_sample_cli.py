@@ -1,0 +1,141 @@
+"""`sample.py`: the real config composed with Hydra, every mode run on a tiny exported model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from tiny_kontext import tiny_pipeline
+
+from kontext.export import export
+from kontext.pipeline import KontextPipeline
+from kontext.sample import run_sample
+from kontext.shapes_edit import make_case
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return export(tiny_pipeline(seed=2), tmp_path_factory.mktemp("model") / "export")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return KontextPipeline.from_export(model_dir)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    a, b = make_case("recolor", split="bench", index=0), make_case("add", split="bench", index=1)
+    a.reference.save(folder / "a.png")
+    b.reference.resize((48, 32)).save(folder / "b.png")
+    return folder
+
+
+def sample(model_dir, *overrides) -> int:
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"checkpoint={model_dir}", "progress=false", *overrides])
+    return run_sample(cfg)
+
+
+def same(path, img) -> bool:
+    return np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(img))
+
+
+def test_single_edit_is_deterministic(model_dir, pipe, images, tmp_path):
+    out = tmp_path / "out.png"
+    assert sample(model_dir, f"image={images / 'a.png'}", "prompt='make the blue square red'", f"output={out}",
+                  "seed=4") == 0
+    assert same(out, pipe(images / "a.png", "make the blue square red", seed=4))
+    first = out.read_bytes()
+    assert sample(model_dir, f"image={images / 'a.png'}", "prompt='make the blue square red'", f"output={out}",
+                  "seed=4") == 0
+    assert out.read_bytes() == first
+
+
+def test_several_references_and_text_to_image(model_dir, pipe, images, tmp_path):
+    both = [images / "a.png", images / "b.png"]
+    assert sample(model_dir, f"image=[{both[0]},{both[1]}]", "prompt=combine", f"output={tmp_path / 'two.png'}") == 0
+    assert same(tmp_path / "two.png", pipe(both, "combine", seed=0))
+    assert sample(model_dir, "prompt='a red circle in the center on a white background'",
+                  f"output={tmp_path / 't2i.jpg'}", "width=32", "height=48", "steps=3") == 0
+    assert Image.open(tmp_path / "t2i.jpg").size == (32, 48)
+
+
+def test_turns_chain_and_save_every_turn(model_dir, pipe, images, tmp_path):
+    out = tmp_path / "chain.png"
+    assert sample(model_dir, f"image={images / 'a.png'}", "turns=[remove the blue square,make it black]",
+                  f"output={out}", "seed=1") == 0
+    turn1, turn2 = tmp_path / "chain_turn1.png", tmp_path / "chain_turn2.png"
+    assert not out.exists() and turn1.exists() and turn2.exists()
+    first = pipe(images / "a.png", "remove the blue square", seed=1)
+    assert same(turn1, first)
+    assert same(turn2, pipe(first, "make it black", seed=1))  # each turn edits the previous output
+
+
+def test_batch_keeps_going_past_bad_lines(model_dir, pipe, images, tmp_path, capsys):
+    lines = [
+        {"image": str(images / "a.png"), "prompt": "remove the square", "output": str(tmp_path / "o1.png"), "seed": 3},
+        {"image": None, "prompt": "a blue circle", "output": str(tmp_path / "o2.png")},
+        "{not json",
+        {"image": str(images / "missing.png"), "prompt": "x", "output": str(tmp_path / "o4.png")},
+        {"image": None, "promt": "typo", "output": str(tmp_path / "o5.png")},
+        {"image": [str(images / "a.png"), str(images / "b.png")], "prompt": "mix", "output": str(tmp_path / "o6.png")},
+        {"image": None, "prompt": "x", "output": str(tmp_path / "o7.txt")},
+    ]
+    batch = tmp_path / "cases.jsonl"
+    batch.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n\n")
+    assert sample(model_dir, f"batch={batch}", "seed=9") == 1
+    captured = capsys.readouterr()
+    assert "wrote 3 of 7 cases; 4 failed" in captured.out
+    for number, text in ((3, "line 3:"), (4, "image not found"), (5, "missing keys ['prompt']"), (7, "extension")):
+        assert any(f"line {number}:" in row and text in row for row in captured.err.splitlines())
+    assert same(tmp_path / "o1.png", pipe(images / "a.png", "remove the square", seed=3))
+    assert same(tmp_path / "o2.png", pipe(None, "a blue circle", seed=9))  # the command's seed by default
+    assert same(tmp_path / "o6.png", pipe([images / "a.png", images / "b.png"], "mix", seed=9))
+    assert not (tmp_path / "o4.png").exists() and not (tmp_path / "o7.txt").exists()
+
+
+def test_bad_invocations_are_one_line_errors(model_dir, tmp_path, capsys):
+    assert sample(model_dir, f"image={tmp_path / 'nope.png'}", "prompt=x", f"output={tmp_path / 'o.png'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: image not found") and "\n" not in err
+    assert not (tmp_path / "o.png").exists()
+    assert sample(model_dir, "image=null") == 2
+    assert "give prompt=" in capsys.readouterr().err
+    assert sample(tmp_path / "no_model", "prompt=x", f"output={tmp_path / 'o.png'}") == 2
+    assert "model source not found" in capsys.readouterr().err
+    assert sample("", "prompt=x", "official.transformer=flux.safetensors", "official.t5=t5") == 2
+    assert "need official.ae=..., official.clip=..." in capsys.readouterr().err
+
+
+def test_entry_point_rejects_an_empty_batch_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"batch={tmp_path / 'empty.jsonl'}",
+                           f"checkpoint={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: batch file {tmp_path / 'empty.jsonl'} has no cases "
+                                                "(one JSON object per line)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no Hydra run folder either
+
+
+def test_entry_point_rejects_an_unknown_option(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "promt=x"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: ") and "promt" in proc.stderr
