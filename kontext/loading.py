@@ -106,15 +106,20 @@ def build_autoencoder(section, where: Path):
 
 def sampler_defaults_from_run(cfg) -> dict:
     """Sampler defaults of a run: the flow stage's `finish.sampler`, the training guidance value
-    when none is set, and the data's canvas size as the text-to-image size."""
+    when none is set, and the training size (`data.size`, else the square of `data.bucket_area`)
+    as the text-to-image size when none is set."""
     from omegaconf import OmegaConf
 
     sampler = _plain(OmegaConf.select(cfg, "stage.finish.sampler", default=None))
     if "guidance" not in sampler and OmegaConf.select(cfg, "stage.train_guidance", default=None) is not None:
         sampler["guidance"] = float(OmegaConf.select(cfg, "stage.train_guidance"))
-    size = OmegaConf.select(cfg, "data.size", default=None)
-    if "t2i_size" not in sampler and isinstance(size, int):
-        sampler["t2i_size"] = size
+    if "t2i_size" not in sampler:
+        size = OmegaConf.select(cfg, "data.size", default=None)
+        area = OmegaConf.select(cfg, "data.bucket_area", default=None)
+        if isinstance(size, int):
+            sampler["t2i_size"] = size
+        elif isinstance(area, int):  # the square bucket of the training area
+            sampler["t2i_size"] = max(16, int(area**0.5) // 16 * 16)
     return sampler
 
 

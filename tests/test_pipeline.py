@@ -178,11 +178,12 @@ def test_bad_images_are_one_line_errors(tmp_path, pipe):
 
 
 def test_checkpoint_and_run_dir_load_the_ema_weights(tmp_path, pipe, case):
-    run = write_run_dir(tmp_path / "run", pipe, sampler={"steps": 2, "t2i_size": 64, "cfg": 1.0})
+    run = write_run_dir(tmp_path / "run", pipe, sampler={"steps": 2, "cfg": 1.0})  # t2i size from the data
     expected = pipe(case.reference, case.instruction, seed=2)
     for loaded in (KontextPipeline.from_run_dir(run), KontextPipeline.from_checkpoint(run / "checkpoints" / "last.ckpt"),
                    KontextPipeline.load(run)):
         assert loaded.sampler.steps == 2 and loaded.sampler.guidance == 1.0  # training guidance as default
+        assert loaded.sampler.t2i_size == 64
         assert loaded.text_config["kind"] == "embedded"
         assert np.array_equal(pixels(loaded(case.reference, case.instruction, seed=2)), pixels(expected))
 

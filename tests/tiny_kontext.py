@@ -64,6 +64,7 @@ def write_run_dir(run_dir: Path, pipe: KontextPipeline, sampler: dict | None = N
         "model": {"_target_": "kontext.model.FluxParams", **asdict(params)},
         "autoencoder": {"_target_": "kontext.autoencoder.load_autoencoder", "path": str(run_dir / "ae.safetensors")},
         "text": TEXT_CONFIG,
+        "data": {"bucket_area": 64 * 64},
         "stage": {"_target_": "kontext.stages.flow.FlowStage", "train_guidance": 1.0,
                   "finish": {"sampler": sampler if sampler is not None else {"steps": 2, "t2i_size": 64}}},
     }
