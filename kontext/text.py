@@ -179,14 +179,17 @@ class EmbeddedEncoder(TextEncoder):
     def _encode(self, prompts: list[str]) -> TextFeatures:
         full = self.tokenizer(prompts, truncation=False, padding=False)["input_ids"]
         self._warn_truncated(torch.tensor([len(ids) for ids in full]), self.max_length, "MiniLM")
-        batch = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding="max_length",
+        # Padding only to the batch's longest prompt gives the same features (the padding is
+        # masked and zeroed) at a fraction of the cost: Shapes-Edit prompts average ~12 tokens.
+        batch = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding="longest",
                                return_tensors="pt").to(self.device)
         # MiniLM was trained with its padding masked, so run it that way; the mask then
         # zeroes the padded rows (see the module docstring) and restricts the mean.
-        hidden = self.model(**batch).last_hidden_state  # (B, L, 384)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-        txt = hidden * mask
-        vec = txt.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        hidden = self.model(**batch).last_hidden_state  # (B, l, 384), l <= max_length
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, l, 1)
+        vec = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        txt = hidden.new_zeros(len(prompts), self.max_length, hidden.shape[-1])  # (B, L, 384)
+        txt[:, : hidden.shape[1]] = hidden * mask
         return TextFeatures(txt, vec)
 
 
