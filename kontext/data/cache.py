@@ -200,7 +200,7 @@ class _TextMemo:
         if new:
             feats = self.encoder.encode(new)
             for i, p in enumerate(new):
-                self.items[p] = (feats.txt[i].float().cpu(), feats.vec[i].float().cpu())
+                self.items[p] = (feats.txt[i].float().cpu().clone(), feats.vec[i].float().cpu().clone())
                 self.bytes += (feats.txt[i].numel() + feats.vec[i].numel()) * 4
         out = [self.items[p] for p in prompts]
         for p in prompts:
@@ -263,6 +263,8 @@ def build_cache(path: str | os.PathLike, batches: Iterable[Mapping[str, Any]] | 
         except CacheError:
             if not overwrite:
                 raise
+        if not (path / MANIFEST).is_file() and any(path.iterdir()):
+            raise CacheError(f"{path} exists and is not a feature cache: not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(path)
     tmp = _partial_dir(path)
