@@ -1,12 +1,13 @@
 """Loader throughput (samples/s) beside a plain single-process PIL decode loop over the same files.
 
-    python benchmarks/loader_throughput.py [--out DIR] [--n64 2000] [--n512 200] [--workers 0 2]
+    python benchmarks/loader_throughput.py [--out DIR] [--n64 4000] [--n512 600] [--workers 0 2]
 
 Two shard sets, each sample a target and one reference: 64x64 PNG (Shapes-Edit) and 512x512
 JPEG (synthetic photos: smooth colour fields with shapes and noise, quality 90). The loader runs
 in exact mode (every sample once), batch 16, bucket area = image area (decode, no resize),
 to float tensors in [-1, 1]. The baseline reads the same tars with `tarfile` and decodes every
-image with PIL to an RGB array, in one process. All measured in one run; prints a table and
+image with PIL to an RGB array, in one process (and, as a second row, also converts it to the
+float array the loader delivers). All measured in one run; prints a table and
 writes JSON.
 """
 
@@ -53,8 +54,9 @@ def write_jpeg_shards(out: Path, n: int, size: int = 512) -> list[str]:
     return w.shards
 
 
-def pil_loop(shards: list[str]) -> tuple[int, float]:
-    """Plain baseline: every image of every sample decoded to an RGB array, one process."""
+def pil_loop(shards: list[str], to_float: bool = False) -> tuple[int, float]:
+    """Plain baseline: every image of every sample decoded to an RGB array, one process;
+    with to_float also made a (3, H, W) float32 array in [-1, 1], as the loader delivers."""
     t0, n = time.perf_counter(), 0
     for path in shards:
         with tarfile.open(path) as tar:
@@ -62,7 +64,9 @@ def pil_loop(shards: list[str]) -> tuple[int, float]:
                 name = member.name.split(".", 1)[1]
                 if name.startswith(("target.", "ref")):
                     data = tar.extractfile(member).read()
-                    np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    if to_float:
+                        arr = arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
                     n += name.startswith("target.")
     return n, time.perf_counter() - t0
 
@@ -79,8 +83,8 @@ def loader_run(shards: list[str], size: int, workers: int) -> tuple[int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for shards and results (default: a temp folder)")
-    p.add_argument("--n64", type=int, default=2000)
-    p.add_argument("--n512", type=int, default=200)
+    p.add_argument("--n64", type=int, default=4000)
+    p.add_argument("--n512", type=int, default=600)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="kontext-bench-"))
@@ -94,6 +98,8 @@ def main() -> None:
         pil_loop(shards[:1])  # warm the page cache
         n, dt = pil_loop(shards)
         rows.append({"data": name, "reader": "PIL loop (1 process)", "samples": n, "seconds": dt})
+        n, dt = pil_loop(shards, to_float=True)
+        rows.append({"data": name, "reader": "PIL loop + float (1 proc)", "samples": n, "seconds": dt})
         for w in args.workers:
             n, dt = loader_run(shards, size, w)
             rows.append({"data": name, "reader": f"KontextLoader, {w} workers", "samples": n, "seconds": dt})

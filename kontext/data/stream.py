@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import get_worker_info
 
 from kontext.data.buckets import bucket_size, fit, preferred_size
 from kontext.data.format import FormatError, Sample, decode_image, from_record, image_size
@@ -263,12 +264,18 @@ def _n_ref_latents(features: dict) -> int:
 
 
 def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    # NumPy, not torch: small element-wise ops under torch's intra-op threads can be slower
-    # than the decode itself when the CPU is shared.
-    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # (B, 3, H, W)
-    x *= 1 / 127.5
-    x -= 1.0
-    return torch.from_numpy(x)  # in [-1, 1]
+    """(B, 3, H, W) float32 in [-1, 1] from B (H, W, 3) uint8 arrays, in one pass per image.
+    In a worker the tensor is born in shared memory, so handing it over costs no copy; NumPy does
+    the arithmetic because torch's intra-op threads only add overhead on a shared CPU."""
+    h, w, _ = arrays[0].shape
+    out = torch.empty((len(arrays), 3, h, w), dtype=torch.float32)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    x = out.numpy()
+    for i, a in enumerate(arrays):
+        np.subtract(a.transpose(2, 0, 1), np.float32(127.5), out=x[i], dtype=np.float32)
+    x *= np.float32(1 / 127.5)
+    return out
 
 
 def _stack(values: list[Any]) -> torch.Tensor:
