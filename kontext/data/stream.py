@@ -211,12 +211,19 @@ class WorkerStream:
 
     # -------------------------------------------------------------------------------- collation
     def collate(self, group: list[Item]) -> dict:
-        kept, images = [], []
+        image = self.cfg.payload == "image"
+        if image:  # one bucket and reference signature per group, so the sizes are known up front
+            bucket, ref_sizes = group[0].sizes
+            buffers = [_image_buffer(len(group), size) for size in (bucket, *ref_sizes)]
+        kept: list[Item] = []
         for item in group:
             try:
-                images.append(self._decode(item) if self.cfg.payload == "image" else None)
+                if image:
+                    s = item.sample
+                    for buf, data, size in zip(buffers, [s.target, *s.references], [bucket, *ref_sizes], strict=True):
+                        _put(buf, len(kept), fit(decode_image(data), size))  # converted while still in cache
                 kept.append(item)
-            except FormatError as e:
+            except FormatError as e:  # its slot is reused by the next sample
                 self.stats.bad(item.sample.key, e)
                 self._check_health()
         if not kept:
@@ -226,20 +233,12 @@ class WorkerStream:
             "task": [i.sample.task for i in kept],
             "key": [i.sample.key for i in kept],
         }
-        if self.cfg.payload == "image":
-            n_refs = len(kept[0].sample.references)
-            batch["target"] = _to_tensor([im[0] for im in images])
-            batch["references"] = [_to_tensor([im[1 + r] for im in images]) for r in range(n_refs)]
+        if image:
+            batch["target"] = buffers[0][: len(kept)]
+            batch["references"] = [buf[: len(kept)] for buf in buffers[1:]]
         else:
             batch.update(self._features(kept))
         return batch
-
-    def _decode(self, item: Item) -> list[np.ndarray]:
-        bucket, ref_sizes = item.sizes
-        out = [np.asarray(fit(decode_image(item.sample.target), bucket))]
-        for data, size in zip(item.sample.references, ref_sizes, strict=True):
-            out.append(np.asarray(fit(decode_image(data), size)))
-        return out
 
     def _features(self, kept: list[Item]) -> dict:
         feats = [dict(i.sample.features) for i in kept]
@@ -263,19 +262,19 @@ def _n_ref_latents(features: dict) -> int:
     return n
 
 
-def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(B, 3, H, W) float32 in [-1, 1] from B (H, W, 3) uint8 arrays, in one pass per image.
-    In a worker the tensor is born in shared memory, so handing it over costs no copy; NumPy does
-    the arithmetic because torch's intra-op threads only add overhead on a shared CPU."""
-    h, w, _ = arrays[0].shape
-    out = torch.empty((len(arrays), 3, h, w), dtype=torch.float32)
-    if get_worker_info() is not None:
-        out.share_memory_()
-    x = out.numpy()
-    for i, a in enumerate(arrays):
-        np.subtract(a.transpose(2, 0, 1), np.float32(127.5), out=x[i], dtype=np.float32)
+def _image_buffer(n: int, size: tuple[int, int]) -> torch.Tensor:
+    """An empty (n, 3, H, W) float32 batch; in a worker it is born in shared memory, so handing
+    it to the main process costs no copy."""
+    out = torch.empty((n, 3, size[1], size[0]), dtype=torch.float32)
+    return out.share_memory_() if get_worker_info() is not None else out
+
+
+def _put(buf: torch.Tensor, i: int, img) -> None:
+    """Slot i of a batch from an RGB image: (H, W, 3) uint8 -> (3, H, W) in [-1, 1]. NumPy does
+    the arithmetic: torch's intra-op threads only add overhead on a shared CPU."""
+    x = buf.numpy()[i]
+    np.subtract(np.asarray(img).transpose(2, 0, 1), np.float32(127.5), out=x, dtype=np.float32)
     x *= np.float32(1 / 127.5)
-    return out
 
 
 def _stack(values: list[Any]) -> torch.Tensor:
