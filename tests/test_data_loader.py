@@ -171,6 +171,7 @@ def test_corrupt_samples_skipped_and_counted(tmp_path, workers):
     assert sorted(keys) == sorted(r["__key__"] for r in good)
     assert ld.stats["corrupt"] == len(bad) == 7 and ld.stats["seen"] == 37
     assert sum(ld.stats["reasons"].values()) == 7
+    assert ld.stats["reasons"]["undecodable image"] == 2 and ld.stats["reasons"]["no target image"] == 1
 
 
 def test_mostly_bad_data_stops_with_clear_error(tmp_path):

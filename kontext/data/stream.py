@@ -72,7 +72,8 @@ class Stats:
 
     def bad(self, key: str, err: Exception) -> None:
         self.corrupt += 1
-        reason = str(err).split(": ", 1)[-1].split(" @ ")[0][:80]
+        msg = str(err).removeprefix(f"{key}: ")
+        reason = msg.split(": ")[0].split(" @ ")[0][:80]  # the kind of fault, without per-sample detail
         self.reasons[reason] += 1
         if len(self.examples) < 5:
             self.examples.append(f"{key}: {err}")
