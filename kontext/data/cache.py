@@ -368,7 +368,7 @@ def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_s
 USAGE = """usage: python data/cache_features.py out=DIR shards=SPEC [autoencoder=PATH] [text=embedded|t5_clip]
     [max_length=null] [t5_path=DIR] [clip_path=DIR] [t5_tokenizer_path=DIR] [clip_tokenizer_path=DIR]
     [text_dtype=null] [batch_size=64] [bucket_area=4096] [max_aspect=4.0] [reference_size=bucket]
-    [dtype=float32] [shard_size=1000] [overwrite=false] [device=cpu]
+    [dtype=float32|float16|bfloat16] [shard_size=1000] [overwrite=false] [device=cpu]
 Encodes the image shards SPEC once (autoencoder latents of target and references, text features)
 into DIR; reuses DIR when it was built from the same inputs and refuses it when not."""
 
