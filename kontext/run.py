@@ -9,6 +9,7 @@ printed as one line (see :mod:`kontext.errors`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -24,13 +25,26 @@ from kontext.attention import set_attention_backend
 from kontext.errors import KontextError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def run_name(overrides: str) -> str:
+    """A directory name for a set of overrides: readable, no slashes, at most ~80 characters."""
+    if not overrides:
+        return "default"
+    name = overrides.replace("/", "_")
+    if len(name) > 80:
+        name = f"{name[:60]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+    return name
 
 
 def register_resolvers() -> None:
     """`${run_name:${hydra:job.override_dirname}}`: a stable run directory per distinct
     set of overrides, so rerunning the same command finds (and resumes) its own run."""
     if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", lambda overrides: overrides or "default")
+        OmegaConf.register_new_resolver("run_name", run_name)
+    if not OmegaConf.has_resolver("kontext_asset"):
+        OmegaConf.register_new_resolver("kontext_asset", lambda name: str(ASSETS / name))
 
 
 def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:

@@ -111,7 +111,7 @@ class FlowStage(L.LightningModule):
         self.last_batch_size = b
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         if batch_idx % 10 == 0:
-            self.loss_history.append((self.trainer.global_step, float(loss)))
+            self.loss_history.append((self.trainer.global_step, loss.detach().item()))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
