@@ -65,11 +65,24 @@ def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
 
 def run(cfg: DictConfig) -> dict:
     """Prepare, build and fit the configured stage; returns the stage's final summary (if any)."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return _run(cfg)
-    except KontextError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (KontextError, FileNotFoundError, InstantiationException, OmegaConfBaseException) as err:
+        # Hydra wraps what a constructor raised; report the user's problem, not the wrapper.
+        while isinstance(err, InstantiationException) and err.__cause__ is not None:
+            err = err.__cause__
+        if not isinstance(err, KontextError | FileNotFoundError | InstantiationException | OmegaConfBaseException):
+            raise err
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(err).__name__
 
 
 def _run(cfg: DictConfig) -> dict:
@@ -143,8 +156,7 @@ def main_guard(hydra_main, config_name: str) -> None:
             with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                 compose(config_name, overrides=args)
         except (HydraException, OmegaConfBaseException) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: {first} (overrides: {' '.join(args) or 'none'})", file=sys.stderr)
+            print(f"error: {one_line(err)} (overrides: {' '.join(args) or 'none'})", file=sys.stderr)
             sys.exit(2)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra_main()

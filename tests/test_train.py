@@ -1,0 +1,136 @@
+"""The real `train.py` composition: every config composes and instantiates, every stage runs a
+`fast_dev_run` on the tiny preset, and bad input is a one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kontext.autoencoder import AE_PRESETS, AutoEncoder, save_autoencoder
+from kontext.run import CONFIG_DIR, register_resolvers, run
+
+ROOT = CONFIG_DIR.parent
+register_resolvers()
+
+
+@pytest.fixture(scope="module")
+def random_ae(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
+    save_autoencoder(AutoEncoder(AE_PRESETS["embedded"]), path)
+    return str(path)
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def group_options() -> list[tuple[str, str]]:
+    return sorted((p.parent.name, p.stem) for p in CONFIG_DIR.glob("*/*.yaml") if p.parent.name != "hydra")
+
+
+def tiny_overrides(tmp_path: Path, random_ae: str) -> list[str]:
+    return [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", f"paths.autoencoder={random_ae}",
+            "model=tiny", "logger=csv", "prepare.shapes_edit.n=64", "prepare.shapes_edit.shard_size=32",
+            "data.batch_size=8", "data.epoch_samples=64"]
+
+
+@pytest.mark.parametrize(("group", "option"), group_options())
+def test_every_config_composes_and_instantiates(group, option, tmp_path, random_ae, monkeypatch):
+    if group == "text" and option == "t5_clip":
+        from test_text import save_tiny_clip, save_tiny_t5
+
+        monkeypatch.setenv("KONTEXT_T5_PATH", str(save_tiny_t5(tmp_path / "t5")))
+        monkeypatch.setenv("KONTEXT_CLIP_PATH", str(save_tiny_clip(tmp_path / "clip")))
+    overrides = [f"{group}={option}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                 f"paths.autoencoder={random_ae}"]
+    if group == "text" and option == "t5_clip":
+        overrides += ["text.txt_dim=null", "text.vec_dim=null"]  # the tiny folders are not 4096/768-d
+    if group == "trainer" and not torch.cuda.is_available():
+        overrides.append("trainer.accelerator=cpu")  # everything else of a GPU preset instantiates here
+    cfg = compose_train(overrides)
+    node = cfg[group] if group != "experiment" else cfg
+    if group == "experiment":
+        # An experiment is a whole run: its stage, data and trainer must instantiate.
+        for key in ("data", "stage", "trainer"):
+            assert instantiate(cfg[key]) is not None
+        return
+    if group == "prepare":
+        return  # composing is checked here; running the steps is the fast_dev_run test's
+    obj = instantiate(node)
+    assert obj is not None
+
+
+def test_model_yaml_mirrors_the_dataclass():
+    from dataclasses import asdict, fields
+
+    from kontext.model import FLUX_PRESETS, FluxParams
+
+    names = {f.name for f in fields(FluxParams)}
+    for name, preset in FLUX_PRESETS.items():
+        node = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+        assert set(node) - {"_target_"} == names
+        assert asdict(instantiate(node)) == asdict(preset)
+
+
+def test_flow_stage_fast_dev_run_through_the_real_composition(tmp_path, random_ae):
+    cfg = compose_train([*tiny_overrides(tmp_path, random_ae), "trainer.fast_dev_run=true"])
+    run(cfg)
+    # The prepare steps ran for real: shards and a feature cache exist.
+    assert list((tmp_path / "data/shards/shapes_edit/train").glob("*.tar"))
+    assert (tmp_path / "data/cache/shapes_edit/train/manifest.json").is_file()
+    assert (tmp_path / "run/config.yaml").is_file()
+
+
+def test_flow_stage_trains_and_finishes(tmp_path, random_ae):
+    cfg = compose_train([*tiny_overrides(tmp_path, random_ae), "trainer.max_steps=4",
+                         "stage.finish.benchmark.n_per_op=1", "stage.finish.benchmark.chains=0",
+                         "stage.finish.sampler.steps=2"])
+    metrics = run(cfg)
+    run_dir = tmp_path / "run"
+    assert metrics["steps"] == 4
+    for name in ("benchmark.json", "benchmark.md", "benchmark_grid.png", "metrics.json", "loss_curve.csv",
+                 "export/transformer.safetensors", "export/config.json", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert metrics["benchmark"]["pass_rate"] >= 0.0
+    # resume=auto: the same command finds the finished checkpoint and trains no further step.
+    again = run(cfg)
+    assert again["steps"] == 4
+
+
+def test_autoencoder_stage_fast_dev_run(tmp_path, random_ae):
+    cfg = compose_train(["experiment=embedded_autoencoder", f"paths.root_dir={tmp_path}",
+                         f"paths.output_dir={tmp_path}/run", f"paths.autoencoder={tmp_path}/ae_out.safetensors",
+                         "logger=csv", "trainer.fast_dev_run=true", "trainer.precision=32-true",
+                         "data.batch_size=2"])
+    run(cfg)
+
+
+def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_unknown_override_is_one_line_error(tmp_path):
+    out = _train_cli("no_such_key=1", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no_such_key" in lines[0], out.stderr
+
+
+def test_missing_data_path_is_one_line_error(tmp_path, random_ae):
+    out = _train_cli("prepare=none", "data=shapes_edit", f"data.shards={tmp_path}/nowhere",
+                     f"paths.autoencoder={random_ae}", f"paths.root_dir={tmp_path}",
+                     "model=tiny", "logger=csv", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nowhere" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
