@@ -1,0 +1,121 @@
+"""Guidance distillation (Meng et al. 2023; the FLUX.1 [dev] recipe, FLUX.1 Kontext paper §3):
+one network evaluation per sampling step instead of the two of classifier-free guidance.
+
+A frozen teacher is evaluated with true CFG, ``v_u + w (v_c - v_u)`` against the empty prompt,
+at a guidance scale ``w ~ U[guidance_range]`` drawn per sample; the student, the teacher's
+architecture with a guidance embedding (added with a zero output when the teacher has none,
+see :mod:`kontext.stages.teacher`), gets ``w`` as its guidance input and regresses its
+velocity onto the teacher's (MSE over target tokens). Noisy inputs are the flow stage's:
+data latents at logit-normal times, with the batch's context tokens. The result is a
+``guidance_embed=True`` model that the sampler drives with ``guidance=w`` and ``cfg=1``.
+
+Everything else (inputs, EMA, optimizer, benchmark, export) is the flow stage's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kontext import distill, flow, packing
+from kontext.errors import KontextError
+from kontext.model import Flux, FluxParams
+from kontext.stages.flow import FlowStage
+from kontext.stages.teacher import init_student, load_teacher
+
+
+class GuidanceDistillStage(FlowStage):
+    def __init__(
+        self,
+        model: FluxParams,
+        teacher: str,
+        autoencoder: Any = None,
+        text: Any = None,
+        guidance_range: tuple[float, float] = (1.0, 4.0),
+        teacher_guidance: float = 1.0,
+        optimizer: dict | None = None,
+        ema_decay: float = 0.999,
+        time_sampling: dict | None = None,
+        validation: dict | None = None,
+        finish: dict | None = None,
+    ):
+        low, high = (float(g) for g in guidance_range)
+        super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
+                         time_sampling=time_sampling, train_guidance=(low + high) / 2, validation=validation,
+                         finish=finish)
+        self.guidance_range = (low, high)
+        self.teacher_source = str(teacher)
+        self.teacher_guidance = float(teacher_guidance)  # the input of a teacher that has a guidance embedding
+        self._frozen["teacher"] = None
+        self._uncond: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def teacher(self):
+        return self._frozen["teacher"]
+
+    def setup(self, stage: str) -> None:
+        """Load the frozen teacher and start the student from it. A resumed run's checkpoint is
+        restored after this and replaces the student's weights."""
+        if self.teacher is None:
+            if not self.params.guidance_embed:
+                raise KontextError("a guidance-distilled student takes the guidance as input: "
+                                   "set model.guidance_embed=true")
+            self.attach_teacher(load_teacher(self.teacher_source, device=self.device))
+
+    def attach_teacher(self, teacher: Flux) -> None:
+        """Freeze ``teacher``, keep it outside the module tree (never trained, never saved) and
+        copy it into the student and its EMA."""
+        init_student(self.model, teacher.requires_grad_(False).eval())
+        self.ema.model.load_state_dict(self.model.state_dict())
+        self._frozen["teacher"] = teacher
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(dtype=next(self.model.parameters()).dtype)
+
+    def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The empty prompt's (txt (1, L, D), vec (1, D)), encoded once: the negative branch of CFG."""
+        if self._uncond is None:
+            if self.text is None:
+                raise KontextError("guidance distillation needs a text encoder for the empty prompt")
+            feats = self.text.encode([""])
+            self._uncond = (feats.txt, feats.vec)
+        return self._uncond[0].to(like), self._uncond[1].to(like)
+
+    def distill_loss(self, x: Tensor, ctx: list[Tensor], txt: Tensor, vec: Tensor,
+                     w: Tensor | None = None) -> Tensor:
+        """MSE between the student's velocity at guidance w and the teacher's CFG velocity at w,
+        on data latents x noised at logit-normal times; w ~ U[guidance_range] unless given (B,)."""
+        tokens = packing.prepare(x, ctx)
+        b, n_img = tokens.img.shape[0], tokens.n_img
+        noise = torch.randn_like(tokens.img)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], device=x.device).to(x.dtype)
+        img, img_ids = tokens.joint(flow.interpolate(tokens.img, noise, t))
+        txt_ids = packing.txt_ids(b, txt.shape[1], device=x.device)
+        if w is None:
+            w = distill.sample_guidance(b, *self.guidance_range, device=x.device)
+        w = w.to(x)
+        teacher_g = None
+        if self.teacher.params.guidance_embed:
+            teacher_g = torch.full((b,), self.teacher_guidance, device=x.device, dtype=x.dtype)
+        target = distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
+                                                 w, n_img, guidance=teacher_g)
+        pred = self.model(img, img_ids, txt, txt_ids, t, vec, guidance=w)
+        return flow.flow_loss(packing.target_slice(pred, n_img), target)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x, ctx, txt, vec = self.encode_batch(batch)
+        loss = self.distill_loss(x, ctx, txt, vec)
+        self.last_batch_size = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        if batch_idx % 10 == 0:
+            self.loss_history.append((self.trainer.global_step, loss.detach().item()))
+        return loss
+
+    def pipeline(self, use_ema: bool = True):
+        """The student's pipeline: one evaluation per step (cfg 1), guidance as an input."""
+        pipe = super().pipeline(use_ema)
+        pipe.sampler.cfg = 1.0
+        return pipe

@@ -1,0 +1,268 @@
+"""Latent adversarial diffusion distillation (LADD; Sauer et al. 2024, arXiv 2403.12015; the
+FLUX.1 Kontext [pro] recipe, paper §3): a student that samples in a few steps.
+
+One training batch is one update, of the student (G) or of the discriminator heads (D), in a
+repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`` D updates
+(manual optimization, separate optimizers and learning rates).
+
+- Clean samples x0 ("reals"): the frozen teacher's own samples for the batch's prompts and
+  contexts, with true CFG (``reals.source: teacher``, the paper's synthetic data), or the
+  dataset's target latents (``reals.source: data``).
+- Student: x_t = (1 - t) x0 + t eps at a student time t from a small set (t = 1 is pure
+  noise), with the context tokens; ``x0_hat = x_t - t v``.
+- Discriminator (:mod:`kontext.discriminator`): fakes ``x0_hat`` and reals x0 are re-noised to
+  ``t_hat`` from a logit-normal; the frozen teacher runs on [re-noised target | context] with
+  the batch's text, and heads on the target tokens of several blocks, conditioned on t_hat and
+  the pooled text vector, give one logit each. Hinge (or non-saturating) losses, optional R1
+  on the heads' inputs.
+- G update: the generator loss backpropagates through the frozen teacher into the student;
+  the teacher's weights never change (none of them requires grad).
+
+The student starts from the teacher, or from another model of the same architecture (e.g. the
+guidance-distilled one, whose guidance input is then held at ``student_guidance``). It is
+sampled with an explicit time list of trained student times (``finish.sampler.timesteps``,
+default all of them, then 0), which the run's pipeline carries into the export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kontext import distill, flow, packing
+from kontext.discriminator import Discriminator, block_features, resolve_blocks
+from kontext.errors import KontextError
+from kontext.model import Flux, FluxParams
+from kontext.sampling import denoise
+from kontext.stages.flow import FlowStage
+from kontext.stages.teacher import check_student, init_student, load_teacher
+
+
+class LADDStage(FlowStage):
+    def __init__(
+        self,
+        model: FluxParams,
+        teacher: str,
+        autoencoder: Any = None,
+        text: Any = None,
+        student_init: str | None = None,
+        teacher_guidance: float = 1.0,
+        student_guidance: float = 1.0,
+        student_timesteps: list[float] = (1.0, 0.75, 0.5, 0.25),
+        student_timestep_probs: list[float] | None = None,
+        reals: dict | None = None,
+        renoise: dict | None = None,
+        discriminator: dict | None = None,
+        loss: str = "hinge",
+        r1_weight: float = 0.0,
+        updates: dict | None = None,
+        optimizer: dict | None = None,
+        discriminator_optimizer: dict | None = None,
+        grad_clip: float | None = 1.0,
+        ema_decay: float = 0.99,
+        validation: dict | None = None,
+        finish: dict | None = None,
+    ):
+        super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
+                         train_guidance=student_guidance, validation=validation, finish=finish)
+        self.automatic_optimization = False
+        self.teacher_source, self.student_source = str(teacher), student_init
+        self.teacher_guidance, self.student_guidance = float(teacher_guidance), float(student_guidance)
+        self.student_timesteps = [float(t) for t in student_timesteps]
+        self.student_probs = None if student_timestep_probs is None else [float(p) for p in student_timestep_probs]
+        self.sample_times = self._sample_times((finish or {}).get("sampler", {}).get("timesteps"))
+        self.reals_cfg = {"source": "teacher", "steps": 20, "cfg": 3.0, **(reals or {})}
+        if self.reals_cfg["source"] not in ("teacher", "data"):
+            raise KontextError(f"reals.source must be teacher or data, got {self.reals_cfg['source']!r}")
+        self.renoise_cfg = {"m": 1.0, "s": 1.0, "shared": False, **(renoise or {})}
+        self.d_loss_fn, self.g_loss_fn = distill.gan_losses(loss)
+        self.r1_weight = float(r1_weight)
+        self.cycle = {"generator": 1, "discriminator": 1, **(updates or {})}
+        if min(self.cycle.values()) < 0 or sum(self.cycle.values()) < 1:
+            raise KontextError(f"updates must be non-negative counts with a positive sum, got {self.cycle}")
+        self.d_optim_cfg = {"lr": 1e-4, "betas": (0.0, 0.99), "weight_decay": 0.0, **(discriminator_optimizer or {})}
+        self.grad_clip = grad_clip
+        d_cfg = {"blocks": None, "channels": 64, **(discriminator or {})}
+        self.feature_blocks = resolve_blocks(self.model, d_cfg["blocks"])
+        self.discriminator = Discriminator(model.hidden_size, model.vec_in_dim, len(self.feature_blocks),
+                                           int(d_cfg["channels"]))
+        self._frozen["teacher"] = None
+        self._uncond: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def teacher(self):
+        return self._frozen["teacher"]
+
+    def _sample_times(self, times: list[float] | None) -> list[float]:
+        """The exported sampler's time list: every step at a trained student time, ending at 0."""
+        if times is None:
+            return distill.few_step_timesteps(self.student_timesteps, len(self.student_timesteps))
+        times = [float(t) for t in times]
+        if times[-1] != 0.0 or any(t not in self.student_timesteps for t in times[:-1]):
+            raise KontextError(f"finish.sampler.timesteps {times} must be student timesteps "
+                               f"{self.student_timesteps} followed by 0")
+        return times
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Load the frozen teacher and the student's starting point (the teacher unless
+        `student_init`). A resumed run's checkpoint is restored after this."""
+        if self.teacher is None:
+            teacher = load_teacher(self.teacher_source, device=self.device)
+            source = None if self.student_source is None else load_teacher(self.student_source, device=self.device)
+            self.attach_teacher(teacher, source)
+
+    def attach_teacher(self, teacher: Flux, student_source: Flux | None = None) -> None:
+        """Freeze ``teacher`` (kept outside the module tree: never trained, never saved) and start
+        the student and its EMA from ``student_source`` (default: the teacher)."""
+        teacher.requires_grad_(False).eval()
+        check_student(self.params, teacher.params)
+        init_student(self.model, teacher if student_source is None else student_source)
+        self.ema.model.load_state_dict(self.model.state_dict())
+        self._frozen["teacher"] = teacher
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.to(dtype=next(self.model.parameters()).dtype)
+
+    def configure_callbacks(self):
+        # Called before Lightning validates the trainer: turn its refusal into a one-line fix.
+        if self.trainer.gradient_clip_val:
+            raise KontextError("the LADD stage clips its own gradients (stage.grad_clip): run it with "
+                               "trainer.gradient_clip_val=null")
+        return []
+
+    def configure_optimizers(self):
+        student = super().configure_optimizers()
+        d = self.d_optim_cfg
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=d["lr"], betas=tuple(d["betas"]),
+                                  weight_decay=d["weight_decay"])
+        return [student["optimizer"], opt_d], [student["lr_scheduler"]["scheduler"]]
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        if self._uncond is None:
+            if self.text is None:
+                raise KontextError("LADD needs a text encoder for the empty prompt of the teacher's CFG")
+            feats = self.text.encode([""])
+            self._uncond = (feats.txt, feats.vec)
+        return self._uncond[0].to(like), self._uncond[1].to(like)
+
+    def _full(self, b: int, value: float, like: Tensor) -> Tensor:
+        return torch.full((b,), value, device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def clean_samples(self, x: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+        """x0 target tokens (B, L_img, C): the teacher's CFG samples, or the data's latents."""
+        if self.reals_cfg["source"] == "data":
+            return tokens.img
+        b, r = x.shape[0], self.reals_cfg
+        times = flow.schedule(int(r["steps"]), tokens.n_img)
+        guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
+        cfg = float(r["cfg"])
+        return denoise(self.teacher, torch.randn_like(tokens.img), tokens.img_ids, tokens.ctx, tokens.ctx_ids,
+                       txt, packing.txt_ids(b, txt.shape[1], device=x.device), vec, times, guidance=guidance,
+                       cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
+
+    def student_x0(self, x0: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+        """The student's one-step prediction x0_hat (B, L_img, C) from x0 noised at a student time."""
+        b = x0.shape[0]
+        t = distill.sample_student_t(b, self.student_timesteps, self.student_probs, device=x0.device).to(x0.dtype)
+        x_t = flow.interpolate(x0, torch.randn_like(x0), t)
+        img, img_ids = tokens.joint(x_t)
+        guidance = self._full(b, self.student_guidance, x0) if self.params.guidance_embed else None
+        v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x0.device), t, vec, guidance)
+        return distill.predict_x0(x_t, packing.target_slice(v, tokens.n_img), t)
+
+    def features(self, x0: Tensor, t_hat: Tensor, noise: Tensor, tokens: packing.KontextTokens,
+                 txt: Tensor, vec: Tensor) -> list[Tensor]:
+        """Teacher features of x0 re-noised to t_hat, with the batch's context tokens and text."""
+        b = x0.shape[0]
+        img, img_ids = tokens.joint(distill.renoise(x0, noise, t_hat))
+        guidance = self._full(b, self.teacher_guidance, x0) if self.teacher.params.guidance_embed else None
+        grid = (tokens.height // packing.PATCH, tokens.width // packing.PATCH)
+        return block_features(self.teacher, self.feature_blocks, grid, img, img_ids, txt,
+                              packing.txt_ids(b, txt.shape[1], device=x0.device), t_hat, vec, guidance)
+
+    def _t_hat(self, b: int, like: Tensor) -> Tensor:
+        r = self.renoise_cfg
+        return distill.sample_renoise_t(b, r["m"], r["s"], device=like.device).to(like.dtype)
+
+    # -- training ---------------------------------------------------------------------------------
+    def is_generator_update(self, update: int) -> bool:
+        return update % (self.cycle["generator"] + self.cycle["discriminator"]) < self.cycle["generator"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x, ctx, txt, vec = self.encode_batch(batch)
+        tokens = packing.prepare(x, ctx)
+        x0 = self.clean_samples(x, tokens, txt, vec)
+        generator = self.is_generator_update(self.trainer.global_step)
+        losses = self.generator_update(x0, tokens, txt, vec) if generator else \
+            self.discriminator_update(x0, tokens, txt, vec)
+        self.last_batch_size = x.shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("g_loss", "d_loss"), batch_size=x.shape[0])
+        if generator:
+            self.loss_history.append((self.trainer.global_step, float(losses["g_loss"])))
+
+    def generator_update(self, x0: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
+        opt_g, _ = self.optimizers()
+        self.toggle_optimizer(opt_g)
+        x0_hat = self.student_x0(x0, tokens, txt, vec)
+        t_hat = self._t_hat(x0.shape[0], x0)
+        fake = self.discriminator(self.features(x0_hat, t_hat, torch.randn_like(x0), tokens, txt, vec), t_hat, vec)
+        loss = self.g_loss_fn(fake)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip)
+        opt_g.step()
+        self.lr_schedulers().step()
+        self.untoggle_optimizer(opt_g)
+        self.ema.update(self.model)
+        return {"g_loss": loss.detach(), "d_fake_g": fake.detach().mean()}
+
+    def discriminator_update(self, x0: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
+        _, opt_d = self.optimizers()
+        self.toggle_optimizer(opt_d)
+        b = x0.shape[0]
+        with torch.no_grad():
+            x0_hat = self.student_x0(x0, tokens, txt, vec)
+            t_fake, noise_fake = self._t_hat(b, x0), torch.randn_like(x0)
+            shared = self.renoise_cfg["shared"]
+            t_real = t_fake if shared else self._t_hat(b, x0)
+            noise_real = noise_fake if shared else torch.randn_like(x0)
+            feats_fake = self.features(x0_hat, t_fake, noise_fake, tokens, txt, vec)
+            feats_real = self.features(x0, t_real, noise_real, tokens, txt, vec)
+        if self.r1_weight > 0:
+            feats_real = [f.detach().requires_grad_(True) for f in feats_real]
+        real = self.discriminator(feats_real, t_real, vec)
+        fake = self.discriminator(feats_fake, t_fake, vec)
+        loss = self.d_loss_fn(real, fake)
+        out = {"d_loss": loss.detach(), "d_real": real.detach().mean(), "d_fake": fake.detach().mean()}
+        if self.r1_weight > 0:
+            r1 = distill.r1_penalty(real, feats_real)
+            loss = loss + self.r1_weight * r1
+            out["r1"] = r1.detach()
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt_d, gradient_clip_val=self.grad_clip)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.trainer.global_step
+        every = self.val_cfg["every_n_steps"]
+        if every and step % every == 0 and self.trainer.is_global_zero:
+            self.quick_benchmark(step)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def pipeline(self, use_ema: bool = True):
+        """The student's pipeline: the explicit few-step time list, one evaluation per step."""
+        pipe = super().pipeline(use_ema)
+        s = pipe.sampler
+        s.timesteps, s.steps, s.cfg, s.guidance = list(self.sample_times), len(self.sample_times) - 1, 1.0, \
+            self.student_guidance
+        return pipe

@@ -1,0 +1,188 @@
+"""The LADD discriminator and stage: features are the target image tokens of the chosen
+blocks (checked against an independent forward), a generator update moves the student only
+(through the frozen teacher, whose weights get no gradient and stay bit-identical), a
+discriminator update moves the heads only, and the stage runs through the real composition."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from distill_setup import compose_distill, one_thread, shared_setting  # noqa: F401
+from tiny_kontext import random_flux, text_encoder
+
+from kontext import packing
+from kontext.discriminator import Discriminator, block_features, resolve_blocks
+from kontext.layers import timestep_embedding
+from kontext.model import TIME_EMBED_DIM, get_params
+from kontext.run import run
+from kontext.stages.ladd import LADDStage
+
+
+def _inputs(b: int = 2, target_hw=(8, 8), ctx_hw=(12, 8), n_txt: int = 5):
+    tokens = packing.prepare(torch.randn(b, 16, *target_hw), [torch.randn(b, 16, *ctx_hw)])
+    img, ids = tokens.joint()
+    return tokens, img, ids, torch.randn(b, n_txt, 384), packing.txt_ids(b, n_txt), torch.rand(b), torch.randn(b, 384)
+
+
+def _manual_image_streams(model, img, ids, txt, txt_ids, t, y, guidance) -> list[torch.Tensor]:
+    """The image-token stream after every block, by an independent walk through the network."""
+    x = model.img_in(img)
+    vec = model.time_in(timestep_embedding(t, TIME_EMBED_DIM)) + model.guidance_in(
+        timestep_embedding(guidance, TIME_EMBED_DIM)) + model.vector_in(y)
+    txt = model.txt_in(txt)
+    pe = model.pe_embedder(torch.cat((txt_ids, ids), dim=1))
+    out = []
+    for block in model.double_blocks:
+        x, txt = block(img=x, txt=txt, vec=vec, pe=pe)
+        out.append(x)
+    h = torch.cat((txt, x), dim=1)
+    for block in model.single_blocks:
+        h = block(h, vec=vec, pe=pe)
+        out.append(h[:, txt.shape[1]:])
+    return out
+
+
+def test_features_are_the_target_image_tokens_on_their_grid():
+    model = random_flux(1)
+    tokens, img, ids, txt, txt_ids, t, y = _inputs()
+    g = torch.full((2,), 2.0)
+    blocks = resolve_blocks(model, None)
+    assert blocks == [0, 1, 2, 3]
+    with torch.no_grad():
+        feats = block_features(model, blocks, (4, 4), img, ids, txt, txt_ids, t, y, g)
+        streams = _manual_image_streams(model, img, ids, txt, txt_ids, t, y, g)
+    assert img.shape[1] == 16 + 24  # target 4x4 tokens, then a 6x4 context
+    for feat, stream in zip(feats, streams, strict=True):
+        assert feat.shape == (2, 64, 4, 4)  # (B, D, h, w): no text and no context token
+        target = stream[:, :16]  # the target tokens, row-major over the 4x4 grid
+        torch.testing.assert_close(feat.flatten(2).transpose(1, 2), target, atol=1e-5, rtol=1e-5)
+        assert torch.equal(feat[:, :, 1, 2], feat.flatten(2)[:, :, 1 * 4 + 2])
+
+
+def test_features_stop_after_the_deepest_chosen_block():
+    model = random_flux(2)
+    calls = []
+    model.single_blocks[1].register_forward_hook(lambda *a: calls.append("single1"))
+    model.final_layer.register_forward_hook(lambda *a: calls.append("final"))
+    _, img, ids, txt, txt_ids, t, y = _inputs(target_hw=(8, 12), ctx_hw=(8, 8))
+    feats = block_features(model, resolve_blocks(model, [0, -2]), (4, 6), img, ids, txt, txt_ids, t, y,
+                           torch.ones(2))
+    assert [f.shape for f in feats] == [(2, 64, 4, 6)] * 2
+    assert calls == []
+    assert not model.double_blocks[0]._forward_hooks and not model.single_blocks[0]._forward_hooks  # removed
+    with pytest.raises(ValueError):
+        resolve_blocks(model, [4])
+
+
+def test_discriminator_logits_per_head_conditioned_on_t_hat_and_text():
+    disc = Discriminator(dim=64, vec_dim=384, n_heads=3, channels=16)
+    feats = [torch.randn(2, 64, 4, 4) for _ in range(3)]
+    y, t = torch.randn(2, 384), torch.tensor([0.2, 0.9])
+    logits = disc(feats, t, y)
+    assert logits.shape == (2, 3)
+    for head in disc.heads:  # FiLM starts neutral; once trained it reads t_hat and the text vector
+        torch.nn.init.normal_(head.film.weight, std=0.5)
+    assert not torch.allclose(disc(feats, t, y), disc(feats, t.flip(0), y))
+    assert not torch.allclose(disc(feats, t, y), disc(feats, t, torch.randn(2, 384)))
+
+
+# ------------------------------------------------------------------------------ stage updates
+def _stage(**kwargs) -> LADDStage:
+    settings = {"reals": {"steps": 2, "cfg": 2.0}, "optimizer": {"lr": 1e-3, "warmup_steps": 1},
+                "discriminator_optimizer": {"lr": 1e-3}, "discriminator": {"blocks": [1, 3], "channels": 16},
+                "finish": {"sampler": {"t2i_size": 64}}, **kwargs}
+    stage = LADDStage(get_params("tiny"), teacher="unused", text=text_encoder(), **settings)
+    stage.attach_teacher(random_flux(7))
+    return stage
+
+
+def _fit(stage: LADDStage, steps: int) -> None:
+    feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
+    batch = {"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
+             "txt": feats.txt, "vec": feats.vec}
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader([batch] * steps, batch_size=None))
+
+
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_generator_update_trains_the_student_through_the_frozen_teacher():
+    stage = _stage(updates={"generator": 1, "discriminator": 1})
+    teacher = stage.teacher
+    before = {"teacher": _snapshot(teacher), "student": _snapshot(stage.model), "heads": _snapshot(stage.discriminator)}
+    assert not any(p.requires_grad for p in teacher.parameters())
+    _fit(stage, 1)  # update 0 of the cycle is the student's
+    assert all(p.grad is None for p in teacher.parameters())
+    assert _changed(before["teacher"], teacher) == set()  # bit-identical
+    # The generator loss reaches the student only through the teacher's features.
+    assert "img_in.weight" in _changed(before["student"], stage.model)
+    assert _changed(before["heads"], stage.discriminator) == set()
+    assert stage.loss_history and stage.trainer.global_step == 1
+
+
+def test_discriminator_update_trains_the_heads_only():
+    stage = _stage(updates={"generator": 0, "discriminator": 1}, r1_weight=0.1, reals={"source": "data"})
+    before = {"teacher": _snapshot(stage.teacher), "student": _snapshot(stage.model),
+              "heads": _snapshot(stage.discriminator)}
+    _fit(stage, 1)
+    assert _changed(before["teacher"], stage.teacher) == set()
+    assert _changed(before["student"], stage.model) == set()
+    assert "heads.0.conv_in.weight" in _changed(before["heads"], stage.discriminator)
+    assert {"train/d_loss", "train/r1", "train/d_real", "train/d_fake"} <= set(stage.trainer.callback_metrics)
+
+
+def test_update_cycle_and_sampler():
+    stage = _stage(updates={"generator": 1, "discriminator": 2}, student_guidance=2.0,
+                   finish={"sampler": {"timesteps": [1.0, 0.5, 0.0]}})
+    assert [stage.is_generator_update(i) for i in range(6)] == [True, False, False, True, False, False]
+    from tiny_kontext import random_autoencoder
+
+    stage._frozen["autoencoder"] = random_autoencoder()
+    sampler = stage.pipeline().sampler
+    assert sampler.timesteps == [1.0, 0.5, 0.0] and sampler.cfg == 1.0 and sampler.guidance == 2.0
+    from kontext.errors import KontextError
+
+    with pytest.raises(KontextError, match="student timesteps"):
+        _stage(finish={"sampler": {"timesteps": [1.0, 0.3, 0.0]}})
+
+
+# --------------------------------------------------------------------- the real composition
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory) -> dict:
+    return shared_setting(tmp_path_factory)
+
+
+@pytest.mark.parametrize("reals", ["teacher", "data"])
+def test_ladd_fast_dev_run(setting, tmp_path, reals):
+    run(compose_distill(setting, "embedded_ladd", tmp_path / "run",
+                        ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2"]))
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_ladd_trains_and_exports_its_few_step_sampler(setting, tmp_path):
+    cfg = compose_distill(setting, "embedded_ladd", tmp_path / "run",
+                          ["trainer.max_steps=4", "stage.reals.steps=2", "stage.finish.benchmark.n_per_op=1"])
+    metrics = run(cfg)
+    assert metrics["steps"] == 4  # two student and two discriminator updates
+    sampler = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["sampler"]
+    assert sampler["timesteps"] == [1.0, 0.75, 0.5, 0.25, 0.0] and sampler["cfg"] == 1.0
+    bench = json.loads((tmp_path / "run" / "benchmark.json").read_text())
+    assert bench["sampler"]["timesteps"] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_ladd_refuses_trainer_gradient_clipping(setting, tmp_path, capsys):
+    cfg = compose_distill(setting, "embedded_ladd", tmp_path / "run",
+                          ["trainer.fast_dev_run=true", "trainer.gradient_clip_val=1.0"])
+    with pytest.raises(SystemExit):
+        run(cfg)
+    assert "trainer.gradient_clip_val=null" in capsys.readouterr().err
