@@ -21,7 +21,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from kontext import slurm
 from kontext.attention import set_attention_backend
+from kontext.checkpoint import find_resume_checkpoint
 from kontext.errors import KontextError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -45,22 +47,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_name", run_name)
     if not OmegaConf.has_resolver("kontext_asset"):
         OmegaConf.register_new_resolver("kontext_asset", lambda name: str(ASSETS / name))
+    if not OmegaConf.has_resolver("wandb_run_id"):
+        from kontext.metrics import persistent_run_id
 
-
-def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
-    """`resume`: null/false = fresh; `auto` = the newest complete checkpoint in `ckpt_dir`
-    (Lightning writes to a temp file and renames, so a present file is complete); else a path."""
-    if resume in (None, False, "none", "null"):
-        return None
-    if resume == "auto":
-        if not ckpt_dir.is_dir():
-            return None
-        candidates = [p for p in ckpt_dir.iterdir() if p.suffix == ".ckpt" or (p / "meta.pt").exists()]
-        return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
-    path = Path(str(resume))
-    if not path.exists():
-        raise KontextError(f"resume checkpoint not found: {path}")
-    return str(path)
+        OmegaConf.register_new_resolver("wandb_run_id", persistent_run_id)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -88,6 +78,7 @@ def one_line(err: BaseException) -> str:
 def _run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    slurm.install()  # first: a preemption signal from now on only sets a flag (kontext/slurm.py)
     L.seed_everything(cfg.seed, workers=True)
     set_attention_backend(cfg.get("attention", "auto"))
     timings: dict[str, float] = {}
@@ -101,7 +92,8 @@ def _run(cfg: DictConfig) -> dict:
     module = instantiate(cfg.stage)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=slurm.cluster_plugins() or None)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
@@ -109,6 +101,10 @@ def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     timings["train"] = time.perf_counter() - start
+    if (stop := slurm.stopped_for_requeue(trainer)) is not None:
+        if trainer.is_global_zero:
+            print(f"stopped at step {stop.stopped_at} for a requeue; checkpoint {stop.checkpoint}")
+        return {"steps": stop.stopped_at, "requeued": True, "checkpoint": stop.checkpoint}
 
     summary: dict = {}
     if hasattr(module, "finish") and trainer.is_global_zero and not trainer.fast_dev_run:

@@ -10,6 +10,7 @@ images (encoded here by the frozen autoencoder and text encoder) or as cached fe
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from kontext import flow, packing
+from kontext import flow, packing, parallel
 from kontext.ema import EMA
 from kontext.model import Flux, FluxParams, load_flux
+from kontext.parallel import ParallelConfig
 
 
 class FlowStage(L.LightningModule):
@@ -37,6 +39,7 @@ class FlowStage(L.LightningModule):
         train_guidance: float = 1.0,
         validation: dict | None = None,
         finish: dict | None = None,
+        parallel: ParallelConfig | None = None,
     ):
         super().__init__()
         self.params = model
@@ -55,6 +58,9 @@ class FlowStage(L.LightningModule):
         self.last_batch_size = 0
         self._last_ema_step = -1
         self.loss_history: list[tuple[int, float]] = []
+        self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
+        self._parallelized = False
+        self.noise_seed = torch.initial_seed()  # the run's seed (seed_everything)
 
     @property
     def autoencoder(self):
@@ -63,6 +69,45 @@ class FlowStage(L.LightningModule):
     @property
     def text(self):
         return self._frozen["text"]
+
+    # -- parallelism and resume -------------------------------------------------------------
+    def configure_model(self) -> None:
+        """The `parallel` recipe: activation checkpointing and per-block compile; under FSDP (the
+        strategy gives a device mesh) the model, its EMA and, if asked, the frozen encoders are
+        sharded over the data-parallel ranks."""
+        if self._parallelized:
+            return
+        self._parallelized = True
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model)
+        if mesh is not None and mesh.size() > 1 and self.parallel_cfg.shard_frozen:
+            for enc in self._frozen.values():
+                if isinstance(enc, torch.nn.Module):
+                    parallel.shard_frozen(enc, mesh)
+
+    def noise_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
+        """The generator of one micro-batch's noise and times, seeded from (run seed, data-parallel
+        rank, step, micro-batch): each rank draws its own noise, and a resumed run draws exactly
+        what the interrupted one would have, with no generator state to carry."""
+        rank = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("rank", self.global_rank)
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        key = f"{self.noise_seed}/{rank}/{self.trainer.global_step}/{micro}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["loss_history"] = list(self.loss_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loss_history = [tuple(x) for x in checkpoint.get("loss_history", [])]
+
+    def on_fit_end(self) -> None:
+        # The run's finish (benchmark, export) happens on rank 0 alone: give it unsharded weights.
+        if parallel.is_sharded(self.model):
+            model = parallel.gather_full(self.model, lambda: Flux(self.params))
+            ema = parallel.gather_full(self.ema.model, lambda: Flux(self.params).eval().requires_grad_(False))
+            if model is not None:
+                self.model, self.ema.model = model, ema
 
     def on_fit_start(self) -> None:
         for enc in self._frozen.values():
@@ -98,8 +143,9 @@ class FlowStage(L.LightningModule):
         x, ctx, txt, vec = self.encode_batch(batch)
         tokens = packing.prepare(x, ctx)
         b, n_img = tokens.img.shape[0], tokens.n_img
-        noise = torch.randn_like(tokens.img)
-        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], device=x.device)
+        gen = self.noise_generator(batch_idx, x.device)
+        noise = torch.randn(tokens.img.shape, generator=gen, device=x.device, dtype=tokens.img.dtype)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=gen, device=x.device)
         z_t = flow.interpolate(tokens.img, noise, t)
         img, img_ids = tokens.joint(z_t)
         guidance = None

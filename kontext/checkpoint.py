@@ -1,0 +1,246 @@
+"""Training checkpoints that survive a crash mid-save, the choice of the one to resume from, and
+their consolidation to full weights.
+
+A checkpoint is a file (one process, or FSDP gathering to rank 0) or a folder of distributed
+checkpoint shards plus `meta.pt` (FSDP, `save_distributed_checkpoint`). Either is written under
+a `.partial` name and renamed into place once every rank has finished, so a crash mid-save
+leaves a `.partial` that nothing reads and every earlier checkpoint intact. `resume=auto` takes
+the complete checkpoint with the highest step. A sharded checkpoint consolidates to a plain
+state dict in one process, without a process group, e.g. for a reference-format export:
+
+    python -m kontext.checkpoint RUN_DIR/checkpoints/last.ckpt transformer.safetensors [--raw]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from kontext.errors import KontextError
+
+PARTIAL = ".partial"
+REPLACED = ".old"  # a finished checkpoint moved aside while its successor is renamed into place
+META = "meta.pt"   # Lightning's non-tensor state inside a sharded checkpoint folder
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` whose every write (periodic, `last`, on request) is atomic."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        partial = filepath + PARTIAL
+        strategy = trainer.strategy
+        if trainer.is_global_zero:
+            remove(partial)  # left by an earlier crash
+        strategy.barrier("atomic_checkpoint_clean")
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        strategy.barrier("atomic_checkpoint_written")
+        if trainer.is_global_zero:
+            publish(partial, filepath)
+        strategy.barrier("atomic_checkpoint_published")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            from weakref import proxy
+
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def save_now(self, trainer) -> str:
+        """Save `last` at this step (a requested save, e.g. before a requeue); returns its path."""
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            candidates = self._monitor_candidates(trainer)
+            filepath = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
+            self.last_model_path = filepath
+            self._save_checkpoint(trainer, filepath)
+        return self.last_model_path
+
+
+class RNGStates(Callback):
+    """Every rank's random generators (torch CPU and CUDA, numpy, python) in the checkpoint and
+    back on resume, so that whatever draws from the global generators continues as if
+    uninterrupted. States are gathered to rank 0, which writes a sharded checkpoint's metadata;
+    a run resumed on another number of ranks keeps its fresh seeds and says so."""
+
+    def state_dict(self) -> dict:
+        from lightning.fabric.utilities.seed import _collect_rng_states
+
+        state = _collect_rng_states()
+        if "numpy" in state:  # as a tensor: checkpoints stay loadable with torch.load(weights_only=True)
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+        states = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        return {"per_rank": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from lightning.fabric.utilities.seed import _set_rng_states
+
+        states = state_dict.get("per_rank", [])
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        if len(states) != world:
+            warnings.warn(f"checkpoint holds random states of {len(states)} ranks, this run has {world}: "
+                          "keeping this run's seeds", stacklevel=2)
+            return
+        state = dict(states[rank])
+        if "numpy" in state:
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            state["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)
+        _set_rng_states(state)
+
+
+def remove(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(partial: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished write into place. A file replaces a file in one rename; a folder (or a
+    change of kind) moves the previous checkpoint aside first, so at every instant either it or
+    its successor is complete under a name that `complete_checkpoints` accepts."""
+    partial, final = Path(partial), Path(final)
+    for f in [partial] if partial.is_file() else [p for p in partial.rglob("*") if p.is_file()]:
+        _fsync(f)
+    if partial.is_file() and (final.is_file() or not final.exists()):
+        os.replace(partial, final)
+    else:
+        aside = final.with_name(final.name + REPLACED)
+        remove(aside)
+        if final.exists():
+            os.rename(final, aside)
+        os.rename(partial, final)
+        remove(aside)
+    _fsync(final.parent)
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint that can be read: a zip file (torch.save's format) that is whole, or a
+    sharded folder with its metadata."""
+    if path.name.endswith(PARTIAL):
+        return False
+    if path.is_dir():
+        return (path / META).is_file() and (path / ".metadata").is_file()
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (reads only its small, non-tensor part)."""
+    meta = path / META if path.is_dir() else path
+    state = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
+    return int(state.get("global_step", -1))
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints in `ckpt_dir`, oldest step first (ties: older file first)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir()
+             if (p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + REPLACED)) and is_complete(p)]
+    return sorted(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime))
+
+
+def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
+    """`resume`: null/false = start fresh; `auto` = the complete checkpoint in `ckpt_dir` with the
+    highest step (none: start fresh); anything else is a path that must exist."""
+    if resume in (None, False, "none", "null"):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(Path(ckpt_dir))
+        return str(found[-1]) if found else None
+    path = Path(str(resume))
+    if not path.exists():
+        raise KontextError(f"resume checkpoint not found: {path}")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- consolidation
+
+def consolidate(path: str | os.PathLike, prefix: str = "state_dict.") -> dict[str, torch.Tensor]:
+    """The full tensors of a checkpoint whose key starts with `prefix` (stripped), in one
+    process. Sharded folders are read shard by shard, without a process group; for them the
+    keys are flattened with dots (`state_dict.model.img_in.weight`)."""
+    path = Path(path)
+    if not is_complete(path) and not (path / ".metadata").is_file():
+        raise KontextError(f"not a complete checkpoint: {path}")
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        flat = _flatten(state)
+        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and torch.is_tensor(v)}
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+              for key, meta in reader.read_metadata().state_dict_metadata.items()
+              if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+    if not wanted:
+        raise KontextError(f"{path} holds no tensors under {prefix!r}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return {k[len(prefix):]: v for k, v in wanted.items()}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+    """A flow-stage checkpoint's transformer (EMA or raw weights) as a reference-format
+    safetensors file; the architecture comes from the run's `config.yaml` beside `checkpoints/`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kontext.model import build_flux, save_flux
+    from kontext.weights import load_into
+
+    ckpt = Path(ckpt)
+    config = ckpt.resolve().parent.parent / "config.yaml"
+    if not config.is_file():
+        raise KontextError(f"{config} not found: the run's config names the architecture")
+    params = instantiate(OmegaConf.load(config).model)
+    weights = consolidate(ckpt, prefix="state_dict.ema.model." if ema else "state_dict.model.")
+    model = build_flux(params, device="meta")
+    load_into(model, weights, what=f"{'EMA' if ema else 'raw'} weights of {ckpt}", assign=True)
+    return Path(save_flux(model, out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a training checkpoint's transformer (file or sharded "
+                                     "folder) as reference-format safetensors.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    parser.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA")
+    args = parser.parse_args(argv)
+    print(export_transformer(args.checkpoint, args.out, ema=not args.raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""What a training run reports besides its loss (to wandb, or any Lightning logger): throughput
+in samples/s and tokens/s, model FLOPs and MFU, gradient norm, peak memory, and picture grids
+of the EMA model on Shapes-Edit cases.
+
+FLOPs follow the FLUX transformer (FLUX.1 Kontext paper §2; counted like torchtitan's FLUX MFU,
+trainable transformer only, encoders excluded). With D the hidden size, r the MLP ratio, and
+N = L_txt + L_img tokens (L_img: target and context tokens), a double or single block costs
+(8 + 4r) D^2 multiply-adds x 2 per token in its linear layers (qkv 3D^2 + proj D^2 + MLP 2rD^2;
+single: linear1 (3 + r) D^2 + linear2 (1 + r) D^2) plus 4 N^2 D for attention scores and values,
+plus its modulation once per sample. A training step is 3 forward passes (backward = 2),
+recomputation under activation checkpointing excluded. MFU divides by the accelerator's dense
+bf16 peak (`peak_flops`, looked up for known GPUs; unknown devices report TFLOP/s only).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from kontext.model import TIME_EMBED_DIM, FluxParams
+
+PIXELS_PER_TOKEN = 16  # 8x autoencoder downsampling, then 2x2 latent patches
+# Dense bf16 peak per device (vendor datasheets, SXM/OAM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "GB200": 2500e12,
+                   "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250X": 383e12}
+
+
+def flux_flops(params: FluxParams, n_img: int, n_txt: int) -> float:
+    """Forward FLOPs of the transformer for one sample of `n_img` image tokens (target + context)
+    and `n_txt` text tokens."""
+    d, r, n = params.hidden_size, params.mlp_ratio, n_img + n_txt
+    per_block = 2 * (4 + 2 * r) * d * d * n + 4 * n * n * d
+    double = params.depth * (per_block + 2 * 2 * d * 6 * d)        # + img_mod and txt_mod
+    single = params.depth_single_blocks * (per_block + 2 * d * 3 * d)  # + modulation
+    embed = 2 * d * (params.in_channels * n_img + params.context_in_dim * n_txt)
+    embed += 2 * (TIME_EMBED_DIM * d + d * d) + 2 * (params.vec_in_dim * d + d * d)
+    if params.guidance_embed:
+        embed += 2 * (TIME_EMBED_DIM * d + d * d)
+    final = 2 * d * 2 * d + 2 * d * params.out_channels * n_img
+    return float(double + single + embed + final)
+
+
+def batch_tokens(batch: dict, default_txt: int = 0) -> tuple[int, int, int]:
+    """(batch size, image tokens per sample (target + contexts), text tokens per sample)."""
+    if "target_latent" in batch:
+        target, refs = batch["target_latent"], list(batch.get("reference_latents", []))
+        n_img = sum(x.shape[-2] * x.shape[-1] // 4 for x in [target, *refs])
+    else:
+        target, refs = batch["target"], list(batch.get("references", []))
+        n_img = sum(x.shape[-2] * x.shape[-1] // PIXELS_PER_TOKEN**2 for x in [target, *refs])
+    n_txt = batch["txt"].shape[1] if "txt" in batch else default_txt
+    return target.shape[0], n_img, n_txt
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def persistent_run_id(run_dir: str | os.PathLike) -> str:
+    """The wandb run id of a run directory: made once and kept in `RUN_DIR/wandb_run_id`, so a
+    restarted or requeued job continues the same wandb run. Safe when every rank asks at once."""
+    path = Path(run_dir) / "wandb_run_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            os.link(tmp, path)  # atomic; fails if another process made it first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+class TrainMetrics(Callback):
+    """Throughput, FLOPs/MFU, gradient norm and peak memory every `log_every_n_steps` of the
+    trainer, and a grid of EMA samples every `grid_every_n_steps` (0: never)."""
+
+    def __init__(self, peak_flops: float | None = None, grid_every_n_steps: int = 0,
+                 grid_cases_per_op: int = 1, grid_steps: int | None = None):
+        self.peak = peak_flops
+        self.grid_every = grid_every_n_steps
+        self.grid_cases = grid_cases_per_op
+        self.grid_steps = grid_steps
+        self._window_start: float | None = None
+        self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
+        self._grad_norm: float | None = None
+        self._last_step = -1
+
+    def _logging_step(self, trainer, step: int) -> bool:
+        return step % max(1, trainer.log_every_n_steps) == 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._logging_step(trainer, trainer.global_step + 1):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self._grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        text = getattr(pl_module, "text", None)
+        b, n_img, n_txt = batch_tokens(batch, getattr(text, "max_length", 0))
+        world = trainer.world_size
+        self._window["samples"] += b * world
+        self._window["tokens"] += b * (n_img + n_txt) * world
+        if hasattr(pl_module, "params"):
+            self._window["flops"] += 3 * b * flux_flops(pl_module.params, n_img, n_txt)  # this rank's
+        step = trainer.global_step
+        if step == self._last_step:  # within an accumulation window
+            return
+        self._last_step = step
+        if self._logging_step(trainer, step):
+            self._log(trainer, pl_module)
+        if self.grid_every and step % self.grid_every == 0 and hasattr(pl_module, "pipeline"):
+            self._grid(trainer, pl_module, step)
+
+    def _log(self, trainer, pl_module) -> None:
+        elapsed = time.perf_counter() - self._window_start
+        metrics = {"perf/samples_per_s": self._window["samples"] / elapsed,
+                   "perf/tokens_per_s": self._window["tokens"] / elapsed}
+        if self._window["flops"]:
+            per_device = self._window["flops"] / elapsed
+            metrics["perf/tflops_per_device"] = per_device / 1e12
+            peak = self.peak or peak_flops(pl_module.device)
+            if peak:
+                metrics["perf/mfu"] = per_device / peak
+        memory = torch.tensor([float(peak_memory_bytes(pl_module.device))], device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
+        metrics["memory/peak_gib"] = memory.item() / 2**30
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        if trainer.optimizers:
+            metrics["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self._window_start = time.perf_counter()
+        self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
+        self._grad_norm = None
+
+    def _grid(self, trainer, pl_module, step: int) -> None:
+        """EMA samples of a few Shapes-Edit cases. Every rank samples (a sharded EMA needs all
+        of them for each forward); rank 0 saves the grid and hands it to the loggers."""
+        from kontext.benchmark import run_benchmark
+
+        report = run_benchmark(pl_module.pipeline(), n_per_op=self.grid_cases, chains=0, steps=self.grid_steps,
+                               grid_per_op=self.grid_cases)
+        if not trainer.is_global_zero:
+            return
+        path = report.save_grid(Path(trainer.default_root_dir) / "grids" / f"step{step:07d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(key="samples/grid", images=[str(path)], step=step,
+                                 caption=[f"step {step}: reference | instruction | EMA output | target"])
+            logger.log_metrics({"samples/pass_rate": report.overall["pass_rate"]}, step=step)

@@ -1,0 +1,194 @@
+"""How the transformer is spread over devices and how it trades compute for memory: FSDP2 per
+block, activation checkpointing per block, per-block `torch.compile` (FLUX.1 Kontext paper §3.4:
+FSDP2 with bf16 all-gathers and fp32 reduce-scatters, selective activation checkpointing,
+per-block compilation; the order and the sharding units follow torchtitan's `parallelize_flux`).
+
+Order: checkpointing, then compile, then `fully_shard`, in units of one double or single block,
+the input embedders, the final layer (kept unsharded after forward: backward needs it at once)
+and the root. Checkpointing and compile keep every parameter name, so checkpoints, the EMA and
+reference-format exports see the same keys whatever the recipe. The same code runs on CPU with
+gloo (the mesh comes from the trainer, or `cpu_mesh()`) and on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+AC_MODES = ("none", "full", "selective")
+INPUT_LAYERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel` config group (configs/parallel/*.yaml)."""
+
+    param_dtype: str = "float32"       # dtype of the all-gathered weights, i.e. of the compute under FSDP
+    reduce_dtype: str = "float32"      # dtype of the gradient reduce-scatter
+    reshard_after_forward: bool = True  # free gathered weights after each block's forward (ZeRO-3)
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False               # torch.compile each double and single block
+    shard_frozen: bool = False          # shard the frozen encoders too (else every rank holds a copy)
+
+    def __post_init__(self):
+        if self.activation_checkpointing not in AC_MODES:
+            raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {self.activation_checkpointing!r}")
+
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        param, reduce = getattr(torch, self.param_dtype), getattr(torch, self.reduce_dtype)
+        if param == reduce == torch.float32:
+            return MixedPrecisionPolicy()  # fp32 training: no casts at all
+        return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated units of the transformer: every double-stream, then every single-stream block."""
+    return [*model.double_blocks, *model.single_blocks]
+
+
+# ------------------------------------------------------------------------ activation checkpointing
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # Keep what is expensive to recompute (matmuls, attention); recompute norms, modulation,
+    # RoPE and activations, which hold most of the activation memory and little of the compute.
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        ops.add(getattr(aten, name).default)
+    return ops
+
+
+_SAVED_OPS = _saved_ops()
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+class _Checkpointed:
+    """Mixed into a block's class by `checkpoint_block`: the block's forward runs under
+    `torch.utils.checkpoint`, so backward recomputes it instead of keeping its activations.
+    Without grad (sampling, EMA) the plain forward runs."""
+
+    _ac_selective: bool = False
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        context_fn = _selective_contexts if self._ac_selective else noop_context_fn
+        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    return type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
+
+
+def checkpoint_block(block: nn.Module, mode: str) -> None:
+    """Activation checkpointing of one block, in place. Unlike a wrapper module this keeps the
+    block's parameter names (the way `fully_shard` swaps the class of what it shards)."""
+    if mode == "none" or isinstance(block, _Checkpointed):
+        return
+    block.__class__ = _checkpointed_class(type(block))
+    block._ac_selective = mode == "selective"
+
+
+# ----------------------------------------------------------------------------------- FSDP2
+
+def cpu_mesh() -> DeviceMesh:
+    """A 1-D mesh over every rank on CPU (gloo). Pass it explicitly: the default mesh would put
+    the shards on CUDA when a GPU exists, which gloo collectives cannot handle."""
+    return init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
+          reshard_after_forward: bool = True) -> None:
+    """FSDP2 over `mesh` (data-parallel size = mesh size), one unit per block. Also used for the
+    EMA copy (no mixed precision), so that each rank averages only its own shard."""
+    kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for name in INPUT_LAYERS:
+        layer = getattr(model, name, None)
+        if layer is not None and any(True for _ in layer.parameters()):
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    for block in blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    # Backward starts at the final layer: resharding it after forward would gather it again at once.
+    fully_shard(model.final_layer, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def shard_frozen(encoder: nn.Module, mesh: DeviceMesh) -> None:
+    """Shard a frozen encoder: every element of its module lists (its layers), then the root."""
+    for module in list(encoder.modules()):
+        if isinstance(module, nn.ModuleList):
+            for layer in module:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+    fully_shard(encoder, mesh=mesh)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+# ------------------------------------------------------------------------------- the recipe
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None = None,
+                ema: nn.Module | None = None) -> nn.Module:
+    """Apply the recipe to a `Flux` in place: checkpointing, compile, then FSDP2 when a mesh of
+    more than one rank is given (the EMA copy, if any, is sharded the same way)."""
+    for block in blocks(model):
+        checkpoint_block(block, cfg.activation_checkpointing)
+    if cfg.compile:
+        for block in blocks(model):
+            block.compile()
+    if mesh is not None and mesh.size() > 1:
+        shard(model, mesh, cfg.mp_policy(), cfg.reshard_after_forward)
+        if ema is not None:
+            shard(ema, mesh)
+    return model
+
+
+def gather_full(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The unsharded model, on rank 0 (None elsewhere): a collective, every rank must call it.
+    `build()` makes an empty replica of the plain module that receives the full weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    plain = build()
+    plain.load_state_dict(state)
+    return plain
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` as pure FSDP2: data-parallel size = world size,
+    tensor-parallel size 1 (its `auto` would make each node a tensor-parallel group)."""
+
+    def __init__(self, save_distributed_checkpoint: bool = True, **kwargs):
+        super().__init__(data_parallel_size=1, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
