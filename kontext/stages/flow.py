@@ -164,10 +164,15 @@ class FlowStage(L.LightningModule):
         step = self.trainer.global_step
         if step != self._last_ema_step:  # an optimizer step happened (accumulation-safe)
             self._last_ema_step = step
-            self.ema.update(self.model)
             every = self.val_cfg["every_n_steps"]
             if every and step % every == 0 and self.trainer.is_global_zero:
                 self.quick_benchmark(step)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (checkpoints) run before that hook, and a
+        # checkpoint of this step must hold this step's average for a resume to be exact.
+        self.ema.update(self.model)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
