@@ -70,7 +70,8 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
     # The embedded default for 64x64 Shapes-Edit (kontext/assets/embedded_ae.safetensors);
     # scale/shift are the trained file's, measured on its latents.
     "embedded": AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 2, 2],
-                                  num_res_blocks=1, z_channels=16, scale_factor=1.0, shift_factor=0.0),
+                                  num_res_blocks=1, z_channels=16, scale_factor=0.5851123501468534,
+                                  shift_factor=0.008112352922065191),
 }
 
 EMBEDDED_PATH = Path(__file__).resolve().parent / "assets" / "embedded_ae.safetensors"

@@ -61,6 +61,18 @@ def test_params_validation():
     assert AE_PRESETS["flux"].downsample == AE_PRESETS["embedded"].downsample == 8
 
 
+@pytest.mark.parametrize("name", ["flux", "embedded"])
+def test_config_mirrors_the_preset_field_for_field(name):
+    from dataclasses import fields
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "autoencoder" / f"{name}.yaml")
+    assert set(cfg) - {"_target_"} == {f.name for f in fields(AutoEncoderParams)}
+    assert instantiate(cfg) == AE_PRESETS[name]
+
+
 def test_encode_decode_shapes_and_convention():
     ae = randomized(AutoEncoder(AE_PRESETS["embedded"]))
     ae.scale_factor, ae.shift_factor = 0.7, -0.3
@@ -225,7 +237,7 @@ def test_embedded_autoencoder_reconstructs_unseen_scenes():
     from kontext.data.rendered import render_batch
 
     ae = load_autoencoder(EMBEDDED_PATH)
-    x = render_batch("val", 1234, 0, 96)["image"]
+    x = render_batch("val", 1234, 0, 96)["target"]
     with torch.no_grad():
         out = ((ae.decode(ae.encode(x)).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     src = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

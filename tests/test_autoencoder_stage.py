@@ -29,21 +29,21 @@ def tiny_params() -> AutoEncoderParams:
 def test_stream_is_deterministic_resumable_and_split():
     a = list(RenderedScenes("train", seed=0, size=32, batch_size=4, num_batches=3))
     b = list(RenderedScenes("train", seed=0, size=32, batch_size=4, start_batch=2, num_batches=1))
-    assert torch.equal(a[2]["image"], b[0]["image"]) and a[2]["key"] == b[0]["key"]
-    assert a[0]["image"].shape == (4, 3, 32, 32) and a[0]["image"].min() >= -1 and a[0]["image"].max() <= 1
+    assert torch.equal(a[2]["target"], b[0]["target"]) and a[2]["key"] == b[0]["key"]
+    assert a[0]["target"].shape == (4, 3, 32, 32) and a[0]["target"].min() >= -1 and a[0]["target"].max() <= 1
     one = render_batch("train", 0, 5, 1, 32)
-    assert torch.equal(one["image"][0], a[1]["image"][1])
+    assert torch.equal(one["target"][0], a[1]["target"][1])
     val = render_batch("val", 0, 0, 12, 32)
     assert val["key"] != [k for batch in a for k in batch["key"]]
     # The image is exactly the spec's rendering of the scene named by the key.
     scene = se.Scene.from_dict(json.loads(one["key"][0]))
     pixels = np.asarray(se.render(scene, 32), dtype=np.float32) / 127.5 - 1
-    assert torch.equal(one["image"][0], torch.from_numpy(pixels).permute(2, 0, 1))
+    assert torch.equal(one["target"][0], torch.from_numpy(pixels).permute(2, 0, 1))
 
 
 def test_class_map_matches_the_spec_scorer():
     g = torch.Generator().manual_seed(0)
-    x = render_batch("val", 3, 0, 4, 32)["image"]
+    x = render_batch("val", 3, 0, 4, 32)["target"]
     noisy = (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     ours = losses.class_map(noisy, losses.palette_tensor(PALETTE, noisy))
     levels = losses.quantize(noisy).byte().permute(0, 2, 3, 1).numpy()
@@ -52,7 +52,7 @@ def test_class_map_matches_the_spec_scorer():
 
 
 def test_palette_loss_and_weights():
-    x = render_batch("val", 3, 0, 2, 32)["image"]
+    x = render_batch("val", 3, 0, 2, 32)["target"]
     palette = losses.palette_tensor(PALETTE, x)
     classes = losses.class_map(x, palette)
     assert losses.palette_loss(x, classes, palette, tau=0.05) < 1e-3
@@ -73,7 +73,7 @@ def test_generator_term_does_not_train_the_discriminator():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.ae.parameters())
     stage.zero_grad()
     torch.manual_seed(7)
-    x = batch["image"]
+    x = batch["target"]
     x_rec = stage.ae.decoder(stage.ae.posterior(x).sample())
     losses.hinge_d_loss(stage.disc(x), stage.disc(x_rec.detach())).backward()
     for k, p in stage.disc.named_parameters():
@@ -103,5 +103,5 @@ def test_stage_trains_and_writes_the_file_with_scale_and_shift(tmp_path):
     assert (tmp_path / "autoencoder.safetensors").is_file() and (tmp_path / "reconstructions.png").is_file()
     # shift = mean and scale = 1 / std of the latents of the scale samples: those latents standardise.
     dm = RenderedDataModule(batch_size=4, size=32, seed=cfg.seed)
-    z = torch.cat([ae.encode(b["image"]) for b in dm.batches("train", 8)])
+    z = torch.cat([ae.encode(b["target"]) for b in dm.batches("train", 8)])
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std(correction=0)) - 1) < 1e-4

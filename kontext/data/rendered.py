@@ -32,10 +32,11 @@ def to_tensor(img) -> Tensor:
 
 
 def render_batch(split: str, seed: int, start: int, n: int, size: int = se.DEFAULT_SIZE) -> dict:
-    """Images start ... start + n - 1 of a stream: `image` (n, 3, S, S) in [-1, 1], `key` (n,)."""
+    """Images start ... start + n - 1 of a stream, as an image-mode batch without references:
+    `target` (n, 3, S, S) in [-1, 1], `references` [], `key` (the scenes, as JSON)."""
     scenes = [scene_at(split, seed, i) for i in range(start, start + n)]
-    image = torch.stack([to_tensor(se.render(s, size)) for s in scenes])
-    return {"image": image, "key": [json.dumps(s.to_dict(), sort_keys=True) for s in scenes]}
+    target = torch.stack([to_tensor(se.render(s, size)) for s in scenes])
+    return {"target": target, "references": [], "key": [json.dumps(s.to_dict(), sort_keys=True) for s in scenes]}
 
 
 class RenderedScenes(IterableDataset):

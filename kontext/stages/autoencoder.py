@@ -86,9 +86,7 @@ class AutoEncoderStage(L.LightningModule):
     # ------------------------------------------------------------------------------ training
     @staticmethod
     def images(batch: dict) -> Tensor:
-        """Rendered-image batches carry `image`; triplet batches contribute targets and references."""
-        if "image" in batch:
-            return batch["image"]
+        """Every image of an image-mode batch: the targets, then the references (if any)."""
         return torch.cat([batch["target"], *batch.get("references", [])])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -206,8 +204,11 @@ class AutoEncoderStage(L.LightningModule):
         for batch in batches:
             x = self.images(batch).to(self.device)
             m = self.measure(x, self.reconstruct(x))
-            keys = batch.get("key", [""] * x.shape[0])
-            m["unseen"] = torch.tensor([exclude is None or k not in exclude for k in keys])
+            keys = batch.get("key", [])
+            if exclude is not None and len(keys) == x.shape[0]:
+                m["unseen"] = torch.tensor([k not in exclude for k in keys])
+            else:  # no key per image: count every image as unseen
+                m["unseen"] = torch.ones(x.shape[0], dtype=torch.bool)
             for k, v in m.items():
                 per.setdefault(k, []).append(v.cpu())
         m = {k: torch.cat(v) for k, v in per.items()}
