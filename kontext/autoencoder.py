@@ -7,7 +7,9 @@ names of `ae.safetensors` (encoder/decoder, `down.i.block.j`, `mid.attn_1`, `up.
 small instance of the same layout for the 64x64 Shapes-Edit default.
 
 Latent convention (as the reference): `encode(x) = scale_factor * (mean - shift_factor)`,
-`decode(z) = decoder(z / scale_factor + shift_factor)`.
+`decode(z) = decoder(z / scale_factor + shift_factor)`. The reference's regulariser draws a
+posterior sample by default; `encode` here returns the posterior mean (deterministic latents for
+the context images and the feature cache) and `encode(x, sample=True)` draws the sample.
 """
 
 from __future__ import annotations
