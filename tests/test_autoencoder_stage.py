@@ -98,10 +98,37 @@ def test_stage_trains_and_writes_the_file_with_scale_and_shift(tmp_path):
     assert ae.current_params().ch_mult == list(cfg.autoencoder.ch_mult)
     meta = read_metadata(export)
     stored = json.loads(meta["metrics"])
-    assert stored == metrics and 0 <= stored["class_agreement"] <= 1 and stored["steps"] == 2
+    assert stored == metrics and 0 <= stored["class_agreement"] <= 1
+    assert stored["steps"] == 2 and stored["train_images"] == 8 and stored["eval_split"] == "val"
     assert meta["command"].startswith("python train.py")
     assert (tmp_path / "autoencoder.safetensors").is_file() and (tmp_path / "reconstructions.png").is_file()
     # shift = mean and scale = 1 / std of the latents of the scale samples: those latents standardise.
     dm = RenderedDataModule(batch_size=4, size=32, seed=cfg.seed)
     z = torch.cat([ae.encode(b["target"]) for b in dm.batches("train", 8)])
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std(correction=0)) - 1) < 1e-4
+
+
+class TripletData:
+    """A stand-in for an image-mode triplet datamodule without val data (no `batches`)."""
+
+    batch_size = 2
+
+    def train_dataloader(self):
+        while True:
+            b = render_batch("train", 5, 0, 2, 32)
+            yield {"target": b["target"], "references": [b["target"].flip(-1)], "instruction": ["", ""]}
+
+    def val_dataloader(self):
+        return []
+
+
+def test_finish_with_another_datamodule_uses_its_loaders(tmp_path):
+    stage = AutoEncoderStage(tiny_params(), loss={"palette": "shapes_edit"},
+                             finish={"scale_samples": 8, "eval_samples": 6, "export_path": str(tmp_path / "ae.safetensors")})
+    metrics = stage.finish(tmp_path, datamodule=TripletData(), timings={"train": 1.0})
+    assert metrics["eval_split"] == "train" and metrics["images"] == 8  # two batches of 2 targets + 2 references
+    assert metrics["unseen_images"] == 8 and metrics["train_images"] == 0
+    ae = load_autoencoder(tmp_path / "ae.safetensors")
+    z = ae.encode(next(TripletData().train_dataloader())["target"])
+    assert z.shape == (2, 4, 16, 16)
+    assert ae.shift_factor == metrics["shift_factor"] and ae.scale_factor == metrics["scale_factor"]

@@ -80,6 +80,7 @@ class AutoEncoderStage(L.LightningModule):
         d = self.disc_cfg
         self.disc = (losses.PatchDiscriminator(autoencoder.out_ch, d["channels"], d["layers"])
                      if d["start"] is not None else None)
+        self.register_buffer("train_images", torch.zeros((), dtype=torch.long))  # in checkpoints
         self.last_batch_size = 0
         self._val: dict[str, list] = {}
 
@@ -93,6 +94,7 @@ class AutoEncoderStage(L.LightningModule):
         h, d = self.loss_cfg, self.disc_cfg
         x = self.images(batch)  # (B, 3, H, W) in [-1, 1]
         self.last_batch_size = x.shape[0]
+        self.train_images += x.shape[0]
         post = self.ae.posterior(x)
         x_rec = self.ae.decoder(post.sample()).float()  # losses in fp32 under autocast too
 
@@ -226,23 +228,46 @@ class AutoEncoderStage(L.LightningModule):
             }
         return out
 
+    def _first(self, loader, num_images: int):
+        """The first batches of `loader` that hold `num_images` images."""
+        seen = 0
+        for batch in loader:
+            yield batch
+            seen += self.images(batch).shape[0]
+            if seen >= num_images:
+                return
+
     def finish(self, run_dir, datamodule=None, timings: dict | None = None) -> dict:
-        """Choose scale/shift from data latents, evaluate on held-out images, write the file."""
+        """Choose scale/shift from data latents, evaluate on held-out images, write the file.
+
+        With the rendered Shapes-Edit stream, statistics come from the training stream and the
+        evaluation from the "val" split at `eval_seed`; with another datamodule, from its train
+        and val loaders (its train loader when it has no val data: `eval_split` says which)."""
         h, run_dir = self.finish_cfg, Path(run_dir)
         self.ae.eval()
         start = time.perf_counter()
-        mu, std = self.latent_stats(datamodule.batches("train", h["scale_samples"]))
+        rendered = hasattr(datamodule, "batches")
+        stats = (datamodule.batches("train", h["scale_samples"]) if rendered
+                 else self._first(datamodule.train_dataloader(), h["scale_samples"]))
+        mu, std = self.latent_stats(stats)
         self.ae.scale_factor, self.ae.shift_factor = 1.0 / std, mu
-        seen = None
-        if hasattr(datamodule, "train_keys"):
+        seen, split = None, "val"
+        if rendered:
             seen = datamodule.train_keys(self.global_step * datamodule.batch_size)
-        metrics = self.evaluate(datamodule.batches("val", h["eval_samples"], seed=h["eval_seed"]), exclude=seen)
-        metrics |= {"scale_factor": self.ae.scale_factor, "shift_factor": self.ae.shift_factor,
-                    "steps": int(self.global_step), "train_images": int(self.global_step * datamodule.batch_size),
+        else:
+            loader = datamodule.val_dataloader()
+            if loader is None or (isinstance(loader, list | tuple) and not loader):
+                loader, split = datamodule.train_dataloader(), "train"
+
+        def held_out(n: int):
+            return datamodule.batches("val", n, seed=h["eval_seed"]) if rendered else self._first(loader, n)
+
+        metrics = self.evaluate(held_out(h["eval_samples"]), exclude=seen)
+        metrics |= {"eval_split": split, "scale_factor": self.ae.scale_factor, "shift_factor": self.ae.shift_factor,
+                    "steps": int(self.global_step), "train_images": int(self.train_images),
                     "train_time_s": round((timings or {}).get("train", float("nan")), 1),
                     "eval_time_s": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads()}
-        sample = next(iter(datamodule.batches("val", 16, seed=h["eval_seed"])))
-        x = self.images(sample).to(self.device)
+        x = self.images(next(iter(held_out(8))))[:16].to(self.device)
         image_grid(x, self.reconstruct(x)).save(run_dir / "reconstructions.png")
         meta = {"metrics": metrics, "command": launch_command(), "torch": torch.__version__}
         paths = [save_autoencoder(self.ae, run_dir / "autoencoder.safetensors", meta)]
