@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -81,6 +82,8 @@ def _run(cfg: DictConfig) -> dict:
     slurm.install()  # first: a preemption signal from now on only sets a flag (kontext/slurm.py)
     L.seed_everything(cfg.seed, workers=True)
     set_attention_backend(cfg.get("attention", "auto"))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     timings: dict[str, float] = {}
 
     for name, step in (cfg.get("prepare") or {}).items():
