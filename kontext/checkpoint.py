@@ -61,40 +61,52 @@ class AtomicCheckpoint(ModelCheckpoint):
         return self.last_model_path
 
 
-class RNGStates(Callback):
-    """Every rank's random generators (torch CPU and CUDA, numpy, python) in the checkpoint and
-    back on resume, so that whatever draws from the global generators continues as if
-    uninterrupted. States are gathered to rank 0, which writes a sharded checkpoint's metadata;
-    a run resumed on another number of ranks keeps its fresh seeds and says so."""
+class RankStates(Callback):
+    """What differs between ranks, which Lightning keeps from rank 0 alone: every rank's random
+    generators (torch CPU and CUDA, numpy, python) and its data loader position. Gathered into
+    the checkpoint when saving; on resume each rank takes its own back, so that data and
+    randomness continue exactly where they stopped. A run resumed on another number of ranks
+    keeps its fresh seeds and starts a new data epoch, and says so."""
 
-    def state_dict(self) -> dict:
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         from lightning.fabric.utilities.seed import _collect_rng_states
 
-        state = _collect_rng_states()
-        if "numpy" in state:  # as a tensor: checkpoints stay loadable with torch.load(weights_only=True)
-            kind, keys, pos, has_gauss, gauss = state["numpy"]
-            state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-        states = [state]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rng = _collect_rng_states()
+        if "numpy" in rng:  # as a tensor: checkpoints stay loadable with torch.load(weights_only=True)
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            rng["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+        mine = {"rng": rng, "data": _fit_loop_state(checkpoint).get("combined_loader")}
+        states = [mine]
+        if _distributed():
             states = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)
-        return {"per_rank": states}
+            torch.distributed.all_gather_object(states, mine)
+        checkpoint["per_rank"] = states
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         from lightning.fabric.utilities.seed import _set_rng_states
 
-        states = state_dict.get("per_rank", [])
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        states = checkpoint.get("per_rank", [])
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
         if len(states) != world:
-            warnings.warn(f"checkpoint holds random states of {len(states)} ranks, this run has {world}: "
+            warnings.warn(f"checkpoint holds the states of {len(states)} ranks, this run has {world}: "
                           "keeping this run's seeds", stacklevel=2)
             return
-        state = dict(states[rank])
-        if "numpy" in state:
-            kind, keys, pos, has_gauss, gauss = state["numpy"]
-            state["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)
-        _set_rng_states(state)
+        rng = dict(states[rank]["rng"])
+        if "numpy" in rng:
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            rng["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss)
+        _set_rng_states(rng)
+        # The loops are restored from this same dict right after the callbacks: give them this rank's position.
+        if states[rank]["data"] is not None and "loops" in checkpoint:
+            _fit_loop_state(checkpoint)["combined_loader"] = states[rank]["data"]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _fit_loop_state(checkpoint: dict) -> dict:
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
 
 
 def remove(path: str | os.PathLike) -> None:
