@@ -107,7 +107,8 @@ def _run(cfg: DictConfig) -> dict:
     if (stop := slurm.stopped_for_requeue(trainer)) is not None:
         if trainer.is_global_zero:
             print(f"stopped at step {stop.stopped_at} for a requeue; checkpoint {stop.checkpoint}")
-        return {"steps": stop.stopped_at, "requeued": True, "checkpoint": stop.checkpoint}
+        requeued = stop.requeue_job(trainer)
+        return {"steps": stop.stopped_at, "requeued": requeued, "checkpoint": stop.checkpoint}
 
     summary: dict = {}
     if hasattr(module, "finish") and trainer.is_global_zero and not trainer.fast_dev_run:

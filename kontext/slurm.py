@@ -3,8 +3,9 @@
 SLURM signals every task of the job some time before its time limit. The handler only sets a
 flag: saving inside a signal handler can hang or leave a corrupt checkpoint. At the next
 optimizer-step boundary the ranks agree that one of them was signalled, save one checkpoint
-together (atomically, see `kontext.checkpoint`), rank 0 runs `scontrol requeue`, and training
-stops without the end-of-run work. The requeued job runs the same command: the run directory is
+together (atomically, see `kontext.checkpoint`) and stop; once the loggers are flushed, rank 0
+runs `scontrol requeue` and the run ends without its end-of-run work (`kontext.run`). The
+requeued job runs the same command: the run directory is
 the same (it depends only on the overrides), `resume=auto` continues from that checkpoint, and
 the wandb run id kept in the run directory continues the same wandb run.
 
@@ -75,7 +76,7 @@ def cluster_plugins() -> list:
 
 
 class RequeueOnSignal(Callback):
-    """On a requested signal: save at the next step boundary, requeue (under SLURM), stop.
+    """On a requested signal: save at the next step boundary and stop; `requeue_job` afterwards.
 
     `check_every_n_steps`: how often the ranks compare flags (one all-reduce of one number)."""
 
@@ -117,9 +118,16 @@ class RequeueOnSignal(Callback):
         trainer.should_stop = True
         if trainer.is_global_zero:
             print(f"signal received: saved step {step} to {self.checkpoint}", file=sys.stderr, flush=True)
-            if self.requeue and in_slurm_job() and requeue():
-                print(f"requeued SLURM job {job_id()}; it resumes from this checkpoint", file=sys.stderr, flush=True)
         clear()
+
+    def requeue_job(self, trainer) -> bool:
+        """After fit has stopped (loggers flushed): rank 0 puts the SLURM job back in the queue."""
+        if not (trainer.is_global_zero and self.requeue and in_slurm_job()):
+            return False
+        if requeue():
+            print(f"requeued SLURM job {job_id()}; it resumes from {self.checkpoint}", file=sys.stderr, flush=True)
+            return True
+        return False
 
 
 def stopped_for_requeue(trainer) -> RequeueOnSignal | None:

@@ -19,7 +19,7 @@ from tiny_kontext import random_flux as _random_flux
 from kontext import flow, packing
 from kontext.ema import EMA
 from kontext.model import Flux
-from kontext.parallel import ParallelConfig, blocks, cpu_mesh, is_sharded, parallelize
+from kontext.parallel import ParallelConfig, blocks, cpu_mesh, is_sharded, parallelize, retained_bytes
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -104,34 +104,6 @@ def test_activation_checkpointing_keeps_names_and_numbers(mode):
         assert torch.equal(p.grad, q.grad), name
     with torch.no_grad():  # no grad (sampling, EMA): the plain forward, no recomputation
         assert torch.equal(flow_loss(ac, batch), flow_loss(plain, batch))
-
-
-def retained_bytes(fn) -> int:
-    """Bytes of the tensors that `fn` creates and that are still alive when it returns (for a
-    forward pass: what is kept for backward), tracked per storage at the dispatcher."""
-    import gc
-
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    made: dict[int, tuple] = {}
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    s = t.untyped_storage()
-                    made[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-            return out
-
-    with Track():
-        result = fn()
-    gc.collect()
-    alive = sum(n for ref, n in made.values() if not ref.expired())
-    del result
-    return alive
 
 
 def test_activation_checkpointing_keeps_less_for_backward():
