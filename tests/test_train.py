@@ -134,3 +134,44 @@ def test_missing_data_path_is_one_line_error(tmp_path, random_ae):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nowhere" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the exact velocity of the straight path for known clean target tokens."""
+
+    def __init__(self, x_tokens, offset: float = 0.0):
+        super().__init__()
+        self.x_tokens, self.offset = x_tokens, offset
+        self.seen_lengths = []
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        n = self.x_tokens.shape[1]
+        self.seen_lengths.append(img.shape[1])
+        t = timesteps.reshape(-1, 1, 1)
+        v = (img[:, :n] - self.x_tokens) / t + self.offset
+        return torch.cat([v, torch.zeros_like(img[:, n:])], dim=1)  # context outputs: never used
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_flow_stage_loss_is_zero_exactly_for_the_true_velocity(offset):
+    from kontext import packing
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage
+
+    stage = FlowStage(FLUX_PRESETS["tiny"])
+    x = torch.randn(4, 16, 8, 8, dtype=torch.float64)
+    ctx = [torch.randn(4, 16, 8, 8, dtype=torch.float64)]
+    stage.model = _Oracle(packing.pack(x), offset).double()
+    batch = {"target_latent": x, "reference_latents": ctx, "txt": torch.randn(4, 5, 384, dtype=torch.float64),
+             "vec": torch.randn(4, 384, dtype=torch.float64)}
+    stage.log = lambda *a, **k: None
+    from types import SimpleNamespace
+
+    stage._trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, global_rank=0,
+                                     strategy=SimpleNamespace(distributed_sampler_kwargs={"rank": 0}))
+    loss = stage.training_step(batch, batch_idx=1)
+    assert stage.model.seen_lengths == [32]  # 16 target + 16 context tokens went in
+    if offset == 0.0:
+        assert loss.item() < 1e-10
+    else:
+        assert loss.item() == pytest.approx(offset**2, rel=1e-4)
