@@ -113,6 +113,9 @@ class TrainMetrics(Callback):
     def _logging_step(self, trainer, step: int) -> bool:
         return step % max(1, trainer.log_every_n_steps) == 0
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step  # act after optimizer steps only (and not at a resumed step)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
             self._window_start = time.perf_counter()
@@ -134,7 +137,7 @@ class TrainMetrics(Callback):
         if hasattr(pl_module, "params"):
             self._window["flops"] += 3 * b * flux_flops(pl_module.params, n_img, n_txt)  # this rank's
         step = trainer.global_step
-        if step == self._last_step:  # within an accumulation window
+        if step == self._last_step:  # no optimizer step yet: within an accumulation window
             return
         self._last_step = step
         if self._logging_step(trainer, step):

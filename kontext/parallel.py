@@ -149,9 +149,9 @@ def cpu_mesh() -> DeviceMesh:
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
-          reshard_after_forward: bool = True) -> None:
+          reshard_after_forward: bool = True, trained: bool = True) -> None:
     """FSDP2 over `mesh` (data-parallel size = mesh size), one unit per block. Also used for the
-    EMA copy (no mixed precision), so that each rank averages only its own shard."""
+    EMA copy (`trained=False`, no mixed precision), so that each rank averages only its own shard."""
     kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for name in INPUT_LAYERS:
         layer = getattr(model, name, None)
@@ -159,8 +159,9 @@ def shard(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | 
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     for block in blocks(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    # Backward starts at the final layer: resharding it after forward would gather it again at once.
-    fully_shard(model.final_layer, reshard_after_forward=False, **kw)
+    # Backward starts at the final layer: resharding it after forward would gather it again at
+    # once. A copy that is never trained reshards it (its forwards are sampling, without backward).
+    fully_shard(model.final_layer, reshard_after_forward=not trained, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
@@ -192,7 +193,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None =
     if mesh is not None and mesh.size() > 1:
         shard(model, mesh, cfg.mp_policy(), cfg.reshard_after_forward)
         if ema is not None:
-            shard(ema, mesh)
+            shard(ema, mesh, trained=False)
     return model
 
 

@@ -94,6 +94,9 @@ class RequeueOnSignal(Callback):
         if self.saver(trainer) is None:
             raise ValueError("RequeueOnSignal needs the AtomicCheckpoint callback (kontext.checkpoint)")
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step  # boundaries are the optimizer steps from here on
+
     @staticmethod
     def saver(trainer):
         from kontext.checkpoint import AtomicCheckpoint

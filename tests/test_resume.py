@@ -198,10 +198,12 @@ def _train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
-    """FSDP2 on 2 CPU processes (gloo) through train.py: sharded checkpoints (folders of shards);
-    rank 0 alone is signalled, both ranks stop at the same step, and the resumed run matches an
-    uninterrupted one at every step, bit for bit."""
-    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    """FSDP2 on 2 CPU processes (gloo) through train.py, 2 micro-batches per step: sharded
+    checkpoints (folders of shards); rank 0 alone is signalled, both ranks stop at the same step,
+    and the resumed run matches an uninterrupted one at every step, bit for bit."""
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.accumulate_grad_batches=2",  # 2 micro-batches per step: resume at a step boundary
+            "callbacks.metrics.grid_every_n_steps=6", "callbacks.metrics.grid_steps=2"]  # sharded EMA samples
 
     def args(run_dir: Path) -> list[str]:
         return [*overrides(data_root, random_ae, run_dir), *fsdp]
@@ -217,6 +219,7 @@ def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
 
     expected, got = step_losses(straight_dir), step_losses(resumed_dir)
     assert len(expected) == STEPS and got == expected
+    assert sorted(p.name for p in (resumed_dir / "grids").iterdir()) == ["step0000006.png", "step0000012.png"]
     for prefix in ("state_dict.model.", "state_dict.ema.model.", "optimizer_0.state."):
         a = consolidate(straight_dir / "checkpoints" / "last.ckpt", prefix)
         b = consolidate(last, prefix)
