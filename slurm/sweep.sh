@@ -21,6 +21,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 here=$(cd "$(dirname "$0")" && pwd)
+export KONTEXT_ROOT=${KONTEXT_ROOT:-$(dirname "$here")}  # the checkout the jobs run from
 mkdir -p outputs/sweeps
 lines=outputs/sweeps/$(basename "${file%.*}")-$(date +%Y%m%d-%H%M%S).txt
 grep -v -E '^[[:space:]]*(#|$)' "$file" > "$lines"

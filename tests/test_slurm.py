@@ -167,7 +167,7 @@ def test_sweep_array_runs_each_line_and_collects_one_table(cluster, tmp_path, ra
     assert all(r["steps"] == 3 and r["pass_rate"] is not None for r in rows)
     table = subprocess.run([sys.executable, str(ROOT / "slurm/collect.py"), str(tmp_path / "outputs")],
                            capture_output=True, text=True, check=True).stdout
-    assert table.count("\n") == 3 and "stage.optimizer.lr=3e-4" in table and table.startswith("| run |")
+    assert len(table.strip().splitlines()) == 4 and "stage.optimizer.lr=3e-4" in table and table.startswith("| run |")
 
 
 # ------------------------------------------------------------------------- without a cluster
