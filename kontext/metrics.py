@@ -129,13 +129,15 @@ class TrainMetrics(Callback):
             self._grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        text = getattr(pl_module, "text", None)
-        b, n_img, n_txt = batch_tokens(batch, getattr(text, "max_length", 0))
         world = trainer.world_size
-        self._window["samples"] += b * world
-        self._window["tokens"] += b * (n_img + n_txt) * world
-        if hasattr(pl_module, "params"):
+        if isinstance(getattr(pl_module, "params", None), FluxParams):  # a stage training the transformer
+            text = getattr(pl_module, "text", None)
+            b, n_img, n_txt = batch_tokens(batch, getattr(text, "max_length", 0))
+            self._window["tokens"] += b * (n_img + n_txt) * world
             self._window["flops"] += 3 * b * flux_flops(pl_module.params, n_img, n_txt)  # this rank's
+        else:  # other stages (the autoencoder's): samples only
+            b = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor | list))
+        self._window["samples"] += b * world
         step = trainer.global_step
         if step == self._last_step:  # no optimizer step yet: within an accumulation window
             return
@@ -147,8 +149,9 @@ class TrainMetrics(Callback):
 
     def _log(self, trainer, pl_module) -> None:
         elapsed = time.perf_counter() - self._window_start
-        metrics = {"perf/samples_per_s": self._window["samples"] / elapsed,
-                   "perf/tokens_per_s": self._window["tokens"] / elapsed}
+        metrics = {"perf/samples_per_s": self._window["samples"] / elapsed}
+        if self._window["tokens"]:
+            metrics["perf/tokens_per_s"] = self._window["tokens"] / elapsed
         if self._window["flops"]:
             per_device = self._window["flops"] / elapsed
             metrics["perf/tflops_per_device"] = per_device / 1e12
