@@ -165,14 +165,24 @@ def shard(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | 
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
-def shard_frozen(encoder: nn.Module, mesh: DeviceMesh) -> None:
-    """Shard a frozen encoder: every element of its module lists (its layers), then the root."""
-    for module in list(encoder.modules()):
-        if isinstance(module, nn.ModuleList):
-            for layer in module:
-                if any(True for _ in layer.parameters()):
-                    fully_shard(layer, mesh=mesh)
+def shard_frozen(encoder: nn.Module, mesh: DeviceMesh, methods: tuple[str, ...] = ("encode", "decode")) -> None:
+    """Shard a frozen encoder: each element of its innermost module lists (the layers a forward
+    calls one by one: T5 and MiniLM layers, the autoencoder's resnet blocks), then the root,
+    whose gather also runs around the encoder's entry methods (`encode`, not only `forward`)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for layer in _innermost_layers(encoder):
+        fully_shard(layer, mesh=mesh)
     fully_shard(encoder, mesh=mesh)
+    for name in methods:
+        if callable(getattr(encoder, name, None)):
+            register_fsdp_forward_method(encoder, name)
+
+
+def _innermost_layers(module: nn.Module) -> list[nn.Module]:
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    innermost = [m for m in lists if not any(isinstance(x, nn.ModuleList) for layer in m for x in layer.modules())]
+    return [layer for m in innermost for layer in m if any(True for _ in layer.parameters())]
 
 
 def is_sharded(model: nn.Module) -> bool:

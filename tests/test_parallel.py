@@ -14,12 +14,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_kontext import random_autoencoder
 from tiny_kontext import random_flux as _random_flux
 
 from kontext import flow, packing
 from kontext.ema import EMA
 from kontext.model import Flux
-from kontext.parallel import ParallelConfig, blocks, cpu_mesh, is_sharded, parallelize, retained_bytes
+from kontext.parallel import (
+    ParallelConfig,
+    blocks,
+    cpu_mesh,
+    is_sharded,
+    parallelize,
+    retained_bytes,
+    shard_frozen,
+)
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -192,6 +201,28 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
         sa, sb = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
         report["checkpoint_optimizer_equal"] = all(
             torch.equal(sa[i]["exp_avg"].full_tensor(), sb[i]["exp_avg"].full_tensor()) for i in sa)
+        # A frozen encoder sharded by layer (parallel.shard_frozen) encodes as an unsharded copy does.
+        torch.manual_seed(5)
+        image = torch.rand(2, 3, 64, 64) * 2 - 1
+        encoder, sharded_encoder = random_autoencoder(5), random_autoencoder(5)
+        shard_frozen(sharded_encoder, cpu_mesh())
+        with torch.no_grad():
+            report["frozen_encoder_diff"] = (sharded_encoder.encode(image) - encoder.encode(image)).abs().max().item()
+        report["frozen_encoder_sharded"] = any(hasattr(p, "to_local") for p in sharded_encoder.parameters())
+        if mode == "none":  # and the embedded text encoder (MiniLM layers), as T5 would be
+            from tiny_kontext import TEXT_CONFIG
+
+            from kontext.text import build_text_encoder
+
+            config = {k: v for k, v in TEXT_CONFIG.items() if k != "_target_"}
+            text, sharded_text = build_text_encoder(**config), build_text_encoder(**config)
+            shard_frozen(sharded_text, cpu_mesh())
+            prompts = ["make the red circle blue", "move the square left"]
+            with torch.no_grad():
+                a_feats, b_feats = text.encode(prompts), sharded_text.encode(prompts)
+            report["frozen_encoder_diff"] = max(report["frozen_encoder_diff"],
+                                                (a_feats.txt - b_feats.txt).abs().max().item(),
+                                                (a_feats.vec - b_feats.vec).abs().max().item())
         if rank == 0:
             torch.save(a, out + "/full.pt")
             Path(out, "report.json").write_text(json.dumps(report))
@@ -215,6 +246,7 @@ def test_fsdp_two_processes_match_one_process(mode, tmp_path):
     assert report["max_ema_diff"] <= ATOL, report
     assert report["loss_diff"] <= ATOL, report
     assert report["checkpoint_weights_equal"] and report["checkpoint_optimizer_equal"], report
+    assert report["frozen_encoder_sharded"] and report["frozen_encoder_diff"] <= 1e-6, report
 
     # The sharded checkpoint, consolidated without any process group, is the trained model.
     from kontext.checkpoint import consolidate
