@@ -225,3 +225,27 @@ def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
         b = consolidate(last, prefix)
         assert a.keys() == b.keys() and a
         assert all(torch.equal(a[k], b[k]) for k in a), prefix
+
+    # A sharded checkpoint exports to the reference layout in one process.
+    from kontext.checkpoint import export_transformer
+    from kontext.model import load_flux
+
+    exported = load_flux(export_transformer(last, data_root / "fsdp.safetensors")).state_dict()
+    ema = consolidate(last, "state_dict.ema.model.")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
+def test_checkpoint_exports_reference_weights(straight, tmp_path):
+    """`python -m kontext.checkpoint`: a training checkpoint's EMA (or raw) transformer as a
+    reference-format file that load_flux reads strictly."""
+    from kontext.checkpoint import main
+    from kontext.model import load_flux
+
+    ckpt = straight / "checkpoints" / "last.ckpt"
+    weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for flag, prefix in (([], "ema.model."), (["--raw"], "model.")):
+        out = tmp_path / f"transformer{len(flag)}.safetensors"
+        main([str(ckpt), str(out), *flag])
+        loaded = load_flux(out).state_dict()
+        expected = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
