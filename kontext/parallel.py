@@ -1,7 +1,8 @@
 """How the transformer is spread over devices and how it trades compute for memory: FSDP2 per
-block, activation checkpointing per block, per-block `torch.compile` (FLUX.1 Kontext paper §3.4:
-FSDP2 with bf16 all-gathers and fp32 reduce-scatters, selective activation checkpointing,
-per-block compilation; the order and the sharding units follow torchtitan's `parallelize_flux`).
+block, activation checkpointing per block, per-block `torch.compile` (FLUX.1 Kontext paper §3,
+implementation details: FSDP2 with bf16 all-gathers and fp32 reduce-scatters, selective
+activation checkpointing, regional compilation of the blocks; the order and the sharding units
+follow torchtitan's `parallelize_flux`).
 
 Order: checkpointing, then compile, then `fully_shard`, in units of one double or single block,
 the input embedders, the final layer (kept unsharded after forward: backward needs it at once)
@@ -64,6 +65,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # Keep what is expensive to recompute (matmuls, attention); recompute norms, modulation,
     # RoPE and activations, which hold most of the activation memory and little of the compute.
+    # (Korthikanti et al. recompute the attention core instead; a fused attention kernel keeps no
+    # L x L matrix, so here the element-wise work is what is worth recomputing.)
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
