@@ -14,6 +14,7 @@ gloo (the mesh comes from the trainer, or `cpu_mesh()`) and on GPUs with NCCL.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,6 +205,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None =
         for block in blocks(model):
             block.compile()
     if mesh is not None and mesh.size() > 1:
+        # FSDP2 warns on every forward whose output is a view (any nn.Linear on (B, L, D)); the
+        # hazard it names, an in-place op on that output, does not occur in this model.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         shard(model, mesh, cfg.mp_policy(), cfg.reshard_after_forward)
         if ema is not None:
             shard(ema, mesh, trained=False)
