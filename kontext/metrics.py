@@ -84,7 +84,7 @@ def persistent_run_id(run_dir: str | os.PathLike) -> str:
     path = Path(run_dir) / "wandb_run_id"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(secrets.token_hex(4) + "\n")
         try:
             os.link(tmp, path)  # atomic; fails if another process made it first
