@@ -141,6 +141,25 @@ def test_discriminator_update_trains_the_heads_only():
     assert {"train/d_loss", "train/r1", "train/d_real", "train/d_fake"} <= set(stage.trainer.callback_metrics)
 
 
+def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
+    from kontext.flow import schedule
+    from kontext.sampling import denoise
+
+    stage = _stage()
+    tokens, _, _, _, _, _, _ = _inputs(ctx_hw=(8, 8))
+    feats = text_encoder().encode(["remove the red circle", "add a blue square in the top left"])
+    stage._gen = torch.Generator().manual_seed(3)
+    x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
+    empty = text_encoder().encode([""])
+    expected = denoise(stage.teacher, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt,
+                       packing.txt_ids(2, 32), feats.vec, schedule(2, tokens.n_img), guidance=1.0, cfg_scale=2.0,
+                       uncond=(empty.txt, empty.vec))
+    torch.testing.assert_close(x0, expected)  # the teacher's CFG sample of exactly this noise
+    stage.reals_cfg["source"] = "data"
+    x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
+    assert torch.equal(x0, tokens.img) and noise.shape == x0.shape
+
+
 def test_update_cycle_and_sampler():
     stage = _stage(updates={"generator": 1, "discriminator": 2}, student_guidance=2.0,
                    finish={"sampler": {"timesteps": [1.0, 0.5, 0.0]}})
@@ -165,7 +184,8 @@ def setting(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("reals", ["teacher", "data"])
 def test_ladd_fast_dev_run(setting, tmp_path, reals):
     run(compose_distill(setting, "embedded_ladd", tmp_path / "run",
-                        ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2"]))
+                        ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2",
+                         "stage.distill_weight=0.5"]))
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
@@ -186,3 +206,32 @@ def test_ladd_refuses_trainer_gradient_clipping(setting, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(cfg)
     assert "trainer.gradient_clip_val=null" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_measures_every_row(tmp_path):
+    import importlib.util
+
+    from tiny_kontext import tiny_pipeline
+
+    from kontext.export import export
+    from kontext.run import CONFIG_DIR
+
+    script = CONFIG_DIR.parent / "benchmarks" / "distillation.py"
+    spec = importlib.util.spec_from_file_location("distillation", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    export(tiny_pipeline(seed=1), tmp_path / "teacher")
+    export(tiny_pipeline(seed=2), tmp_path / "guided")
+    export(tiny_pipeline(seed=3, timesteps=[1.0, 0.75, 0.5, 0.25, 0.0]), tmp_path / "ladd")
+    result = bench.main([f"teacher={tmp_path / 'teacher'}", f"guidance_student={tmp_path / 'guided'}",
+                         f"ladd_student={tmp_path / 'ladd'}", "n=1", "steps=2", "full_steps=3",
+                         f"out={tmp_path / 'out'}"])
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == ["teacher", "guidance", "ladd_1", "ladd_2", "ladd_4", "teacher_1", "teacher_2",
+                          "teacher_4", "teacher_full"]
+    assert [rows[k]["nfe_per_image"] for k in rows] == [4, 2, 1, 2, 4, 2, 4, 8, 6]
+    assert rows["ladd_2"]["sampler"]["timesteps"] == [1.0, 0.5, 0.0]
+    assert all(r["images"] == 6 and r["seconds_per_image"] > 0 for r in rows.values())
+    assert [c["check"].split()[0] for c in result["checks"]] == ["guidance-distilled", "LADD"]
+    assert (tmp_path / "out" / "distillation.md").is_file()

@@ -40,11 +40,12 @@ class GuidanceDistillStage(FlowStage):
         time_sampling: dict | None = None,
         validation: dict | None = None,
         finish: dict | None = None,
+        parallel: Any = None,
     ):
         low, high = (float(g) for g in guidance_range)
         super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
                          time_sampling=time_sampling, train_guidance=(low + high) / 2, validation=validation,
-                         finish=finish)
+                         finish=finish, parallel=parallel)
         self.guidance_range = (low, high)
         self.teacher_source = str(teacher)
         self.teacher_guidance = float(teacher_guidance)  # the input of a teacher that has a guidance embedding
@@ -84,18 +85,19 @@ class GuidanceDistillStage(FlowStage):
             self._uncond = (feats.txt, feats.vec)
         return self._uncond[0].to(like), self._uncond[1].to(like)
 
-    def distill_loss(self, x: Tensor, ctx: list[Tensor], txt: Tensor, vec: Tensor,
-                     w: Tensor | None = None) -> Tensor:
+    def distill_loss(self, x: Tensor, ctx: list[Tensor], txt: Tensor, vec: Tensor, w: Tensor | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
         """MSE between the student's velocity at guidance w and the teacher's CFG velocity at w,
-        on data latents x noised at logit-normal times; w ~ U[guidance_range] unless given (B,)."""
+        on data latents x noised at logit-normal times; w ~ U[guidance_range] unless given (B,).
+        Noise, times and w come from ``generator`` (default: the global generator)."""
         tokens = packing.prepare(x, ctx)
         b, n_img = tokens.img.shape[0], tokens.n_img
-        noise = torch.randn_like(tokens.img)
-        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], device=x.device).to(x.dtype)
+        noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=generator, device=x.device).to(x.dtype)
         img, img_ids = tokens.joint(flow.interpolate(tokens.img, noise, t))
         txt_ids = packing.txt_ids(b, txt.shape[1], device=x.device)
         if w is None:
-            w = distill.sample_guidance(b, *self.guidance_range, device=x.device)
+            w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)
         w = w.to(x)
         teacher_g = None
         if self.teacher.params.guidance_embed:
@@ -107,7 +109,7 @@ class GuidanceDistillStage(FlowStage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, ctx, txt, vec = self.encode_batch(batch)
-        loss = self.distill_loss(x, ctx, txt, vec)
+        loss = self.distill_loss(x, ctx, txt, vec, generator=self.noise_generator(batch_idx, x.device))
         self.last_batch_size = x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         if batch_idx % 10 == 0:

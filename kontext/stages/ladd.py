@@ -16,7 +16,9 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
   the pooled text vector, give one logit each. Hinge (or non-saturating) losses, optional R1
   on the heads' inputs.
 - G update: the generator loss backpropagates through the frozen teacher into the student;
-  the teacher's weights never change (none of them requires grad).
+  the teacher's weights never change (none of them requires grad). Optionally
+  (``distill_weight`` > 0) a regression of x0_hat onto x0 anchors the student, as ADD's
+  distillation term does (LADD on synthetic data uses none).
 
 The student starts from the teacher, or from another model of the same architecture (e.g. the
 guidance-distilled one, whose guidance input is then held at ``student_guidance``). It is
@@ -57,6 +59,7 @@ class LADDStage(FlowStage):
         discriminator: dict | None = None,
         loss: str = "hinge",
         r1_weight: float = 0.0,
+        distill_weight: float = 0.0,
         updates: dict | None = None,
         optimizer: dict | None = None,
         discriminator_optimizer: dict | None = None,
@@ -64,9 +67,10 @@ class LADDStage(FlowStage):
         ema_decay: float = 0.99,
         validation: dict | None = None,
         finish: dict | None = None,
+        parallel: Any = None,
     ):
         super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
-                         train_guidance=student_guidance, validation=validation, finish=finish)
+                         train_guidance=student_guidance, validation=validation, finish=finish, parallel=parallel)
         self.automatic_optimization = False
         self.teacher_source, self.student_source = str(teacher), student_init
         self.teacher_guidance, self.student_guidance = float(teacher_guidance), float(student_guidance)
@@ -79,6 +83,7 @@ class LADDStage(FlowStage):
         self.renoise_cfg = {"m": 1.0, "s": 1.0, "shared": False, **(renoise or {})}
         self.d_loss_fn, self.g_loss_fn = distill.gan_losses(loss)
         self.r1_weight = float(r1_weight)
+        self.distill_weight = float(distill_weight)
         self.cycle = {"generator": 1, "discriminator": 1, **(updates or {})}
         if min(self.cycle.values()) < 0 or sum(self.cycle.values()) < 1:
             raise KontextError(f"updates must be non-negative counts with a positive sum, got {self.cycle}")
@@ -90,6 +95,7 @@ class LADDStage(FlowStage):
                                            int(d_cfg["channels"]))
         self._frozen["teacher"] = None
         self._uncond: tuple[Tensor, Tensor] | None = None
+        self._gen: torch.Generator | None = None  # this update's noise (see FlowStage.noise_generator)
 
     @property
     def teacher(self):
@@ -153,24 +159,36 @@ class LADDStage(FlowStage):
     def _full(self, b: int, value: float, like: Tensor) -> Tensor:
         return torch.full((b,), value, device=like.device, dtype=like.dtype)
 
+    def _randn(self, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self._gen, device=like.device, dtype=like.dtype)
+
     @torch.no_grad()
-    def clean_samples(self, x: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
-        """x0 target tokens (B, L_img, C): the teacher's CFG samples, or the data's latents."""
+    def clean_samples(self, x: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """(x0, noise), both (B, L_img, C): the teacher's CFG samples and the noise each one was
+        sampled from, or the data's latents and fresh noise. The student's inputs are built from
+        this pair, so with teacher reals they lie on the line from the teacher's noise to its
+        sample (the rectified-flow "reflow" coupling), which makes ``distill_weight``'s
+        regression target well defined."""
+        noise = self._randn(tokens.img)
         if self.reals_cfg["source"] == "data":
-            return tokens.img
+            return tokens.img, noise
         b, r = x.shape[0], self.reals_cfg
         times = flow.schedule(int(r["steps"]), tokens.n_img)
         guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
         cfg = float(r["cfg"])
-        return denoise(self.teacher, torch.randn_like(tokens.img), tokens.img_ids, tokens.ctx, tokens.ctx_ids,
-                       txt, packing.txt_ids(b, txt.shape[1], device=x.device), vec, times, guidance=guidance,
-                       cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
+        x0 = denoise(self.teacher, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids,
+                     txt, packing.txt_ids(b, txt.shape[1], device=x.device), vec, times, guidance=guidance,
+                     cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
+        return x0, noise
 
-    def student_x0(self, x0: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+    def student_x0(self, x0: Tensor, noise: Tensor, tokens: packing.KontextTokens, txt: Tensor,
+                   vec: Tensor) -> Tensor:
         """The student's one-step prediction x0_hat (B, L_img, C) from x0 noised at a student time."""
         b = x0.shape[0]
-        t = distill.sample_student_t(b, self.student_timesteps, self.student_probs, device=x0.device).to(x0.dtype)
-        x_t = flow.interpolate(x0, torch.randn_like(x0), t)
+        t = distill.sample_student_t(b, self.student_timesteps, self.student_probs, generator=self._gen,
+                                     device=x0.device).to(x0.dtype)
+        x_t = flow.interpolate(x0, noise, t)
         img, img_ids = tokens.joint(x_t)
         guidance = self._full(b, self.student_guidance, x0) if self.params.guidance_embed else None
         v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x0.device), t, vec, guidance)
@@ -188,7 +206,7 @@ class LADDStage(FlowStage):
 
     def _t_hat(self, b: int, like: Tensor) -> Tensor:
         r = self.renoise_cfg
-        return distill.sample_renoise_t(b, r["m"], r["s"], device=like.device).to(like.dtype)
+        return distill.sample_renoise_t(b, r["m"], r["s"], generator=self._gen, device=like.device).to(like.dtype)
 
     # -- training ---------------------------------------------------------------------------------
     def is_generator_update(self, update: int) -> bool:
@@ -196,24 +214,31 @@ class LADDStage(FlowStage):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x, ctx, txt, vec = self.encode_batch(batch)
+        self._gen = self.noise_generator(batch_idx, x.device)
         tokens = packing.prepare(x, ctx)
-        x0 = self.clean_samples(x, tokens, txt, vec)
+        x0, noise = self.clean_samples(x, tokens, txt, vec)
         generator = self.is_generator_update(self.trainer.global_step)
-        losses = self.generator_update(x0, tokens, txt, vec) if generator else \
-            self.discriminator_update(x0, tokens, txt, vec)
+        losses = self.generator_update(x0, noise, tokens, txt, vec) if generator else \
+            self.discriminator_update(x0, noise, tokens, txt, vec)
         self.last_batch_size = x.shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name in ("g_loss", "d_loss"), batch_size=x.shape[0])
         if generator:
             self.loss_history.append((self.trainer.global_step, float(losses["g_loss"])))
 
-    def generator_update(self, x0: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
+    def generator_update(self, x0: Tensor, noise: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
         opt_g, _ = self.optimizers()
         self.toggle_optimizer(opt_g)
-        x0_hat = self.student_x0(x0, tokens, txt, vec)
+        x0_hat = self.student_x0(x0, noise, tokens, txt, vec)
         t_hat = self._t_hat(x0.shape[0], x0)
-        fake = self.discriminator(self.features(x0_hat, t_hat, torch.randn_like(x0), tokens, txt, vec), t_hat, vec)
-        loss = self.g_loss_fn(fake)
+        fake = self.discriminator(self.features(x0_hat, t_hat, self._randn(x0), tokens, txt, vec), t_hat, vec)
+        adversarial = self.g_loss_fn(fake)
+        out = {"g_adv": adversarial.detach(), "d_fake_g": fake.detach().mean()}
+        loss = adversarial
+        if self.distill_weight > 0:
+            regression = flow.flow_loss(x0_hat, x0)
+            loss = loss + self.distill_weight * regression
+            out["g_distill"] = regression.detach()
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip)
@@ -221,18 +246,18 @@ class LADDStage(FlowStage):
         self.lr_schedulers().step()
         self.untoggle_optimizer(opt_g)
         self.ema.update(self.model)
-        return {"g_loss": loss.detach(), "d_fake_g": fake.detach().mean()}
+        return {"g_loss": loss.detach(), **out}
 
-    def discriminator_update(self, x0: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
+    def discriminator_update(self, x0: Tensor, noise: Tensor, tokens, txt: Tensor, vec: Tensor) -> dict[str, Tensor]:
         _, opt_d = self.optimizers()
         self.toggle_optimizer(opt_d)
         b = x0.shape[0]
         with torch.no_grad():
-            x0_hat = self.student_x0(x0, tokens, txt, vec)
-            t_fake, noise_fake = self._t_hat(b, x0), torch.randn_like(x0)
+            x0_hat = self.student_x0(x0, noise, tokens, txt, vec)
+            t_fake, noise_fake = self._t_hat(b, x0), self._randn(x0)
             shared = self.renoise_cfg["shared"]
             t_real = t_fake if shared else self._t_hat(b, x0)
-            noise_real = noise_fake if shared else torch.randn_like(x0)
+            noise_real = noise_fake if shared else self._randn(x0)
             feats_fake = self.features(x0_hat, t_fake, noise_fake, tokens, txt, vec)
             feats_real = self.features(x0, t_real, noise_real, tokens, txt, vec)
         if self.r1_weight > 0:
