@@ -181,6 +181,30 @@ def test_distill_loss_regresses_onto_the_guided_teacher():
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_guidance_embedder_learns_at_its_own_rate():
+    import lightning as L
+
+    from kontext.stages.guidance_distill import GuidanceDistillStage
+
+    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), guidance_lr=1e-2,
+                                 optimizer={"lr": 1e-4, "warmup_steps": 10})
+    stage.attach_teacher(random_flux(6, TINY_NO_GUIDANCE))
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
+    batch = {"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
+             "txt": feats.txt, "vec": feats.vec}
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    groups = trainer.optimizers[0].param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in stage.model.parameters() if p.requires_grad)
+    # Adam's first step moves each weight by lr * sign(grad); the warm-up factor is 1/10.
+    step = {k: (v - before[k]).abs().max().item() for k, v in stage.model.state_dict().items()}
+    assert step["guidance_in.out_layer.weight"] == pytest.approx(1e-2 / 10, rel=1e-2)
+    assert step["img_in.weight"] == pytest.approx(1e-4 / 10, rel=1e-2)
+
+
 # --------------------------------------------------------------------- the real composition
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory) -> dict:

@@ -35,6 +35,7 @@ class GuidanceDistillStage(FlowStage):
         text: Any = None,
         guidance_range: tuple[float, float] = (1.0, 4.0),
         teacher_guidance: float = 1.0,
+        guidance_lr: float | None = None,
         optimizer: dict | None = None,
         ema_decay: float = 0.999,
         time_sampling: dict | None = None,
@@ -49,6 +50,7 @@ class GuidanceDistillStage(FlowStage):
         self.guidance_range = (low, high)
         self.teacher_source = str(teacher)
         self.teacher_guidance = float(teacher_guidance)  # the input of a teacher that has a guidance embedding
+        self.guidance_lr = None if guidance_lr is None else float(guidance_lr)
         self._frozen["teacher"] = None
         self._uncond: tuple[Tensor, Tensor] | None = None
 
@@ -75,6 +77,22 @@ class GuidanceDistillStage(FlowStage):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.to(dtype=next(self.model.parameters()).dtype)
+
+    def configure_optimizers(self):
+        """The flow stage's optimizer and schedule; with `guidance_lr`, the guidance embedder
+        (new, starting at a zero output) learns at its own rate while the rest, already
+        trained, moves slowly."""
+        out = super().configure_optimizers()
+        if self.guidance_lr is None:
+            return out
+        opt, factor = out["optimizer"], out["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        embedder = list(self.model.guidance_in.parameters())
+        ids = {id(p) for p in embedder}
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        opt.add_param_group({"params": embedder, "lr": self.guidance_lr, "weight_decay": 0.0})
+        out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, factor)  # same schedule, all groups
+        return out
 
     def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The empty prompt's (txt (1, L, D), vec (1, D)), encoded once: the negative branch of CFG."""
