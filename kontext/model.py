@@ -83,7 +83,7 @@ FLUX_PRESETS: dict[str, FluxParams] = {
     # Unit tests: milliseconds per step. Text dims match the embedded (MiniLM) text encoder.
     "tiny": _preset(64, 4, 2, 2, [4, 6, 6], True, vec_in_dim=384, context_in_dim=384),
     # The embedded demo (MiniLM text features, 384-d), sized for the 15-minute CPU main job.
-    "small": _preset(128, 4, 2, 4, [8, 12, 12], False, vec_in_dim=384, context_in_dim=384),
+    "small": _preset(192, 6, 2, 4, [8, 12, 12], False, vec_in_dim=384, context_in_dim=384),
     "flux-dev": _preset(3072, 24, 19, 38, [16, 56, 56], True),
     "flux-schnell": _preset(3072, 24, 19, 38, [16, 56, 56], False),
     "flux-dev-kontext": _preset(3072, 24, 19, 38, [16, 56, 56], True),

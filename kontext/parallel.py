@@ -195,13 +195,36 @@ def is_sharded(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------- the recipe
 
+def compile_problem(device: torch.device | str | None = None) -> str | None:
+    """Why `torch.compile` (inductor) cannot build kernels for `device`, or None when it can:
+    on CPU it needs a C++ compiler, on CUDA Triton."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - any failure means no usable compiler
+            return f"torch.compile on CPU needs a C++ compiler ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    elif kind == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on CUDA needs Triton (pip install triton)"
+    return None
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None = None,
-                ema: nn.Module | None = None) -> nn.Module:
+                ema: nn.Module | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Apply the recipe to a `Flux` in place: checkpointing, compile, then FSDP2 when a mesh of
-    more than one rank is given (the EMA copy, if any, is sharded the same way)."""
+    more than one rank is given (the EMA copy, if any, is sharded the same way). Without a
+    working compiler for `device`, compile is skipped with a warning (the model runs eagerly)."""
     for block in blocks(model):
         checkpoint_block(block, cfg.activation_checkpointing)
-    if cfg.compile:
+    problem = compile_problem(device) if cfg.compile else None
+    if problem:
+        warnings.warn(f"{problem}; training without compile (parallel.compile=false silences this)", stacklevel=2)
+    elif cfg.compile:
         for block in blocks(model):
             block.compile()
     if mesh is not None and mesh.size() > 1:

@@ -130,6 +130,36 @@ def test_activation_checkpointing_keeps_less_for_backward():
     assert full < selective < none, (none, selective, full)
 
 
+def _compiled(block: torch.nn.Module) -> bool:
+    return getattr(block, "_compiled_call_impl", None) is not None
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_names_and_numbers():
+    plain, compiled = random_flux(1).train(), random_flux(1).train()
+    parallelize(compiled, ParallelConfig(compile=True), device="cpu")
+    assert all(_compiled(b) for b in blocks(compiled))
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    batch = flow_batch(0)
+    loss_plain, loss_compiled = flow_loss(plain, batch), flow_loss(compiled, batch)
+    loss_plain.backward()
+    loss_compiled.backward()
+    torch.testing.assert_close(loss_compiled, loss_plain, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_without_a_compiler_warns_and_runs_eagerly(monkeypatch):
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (None, "/nonexistent/c++"))
+    model = random_flux(1)
+    with pytest.warns(UserWarning, match="C\\+\\+ compiler.*without compile"):
+        parallelize(model, ParallelConfig(compile=True), device="cpu")
+    assert not any(_compiled(b) for b in blocks(model))
+    flow_loss(model, flow_batch(0)).backward()  # runs
+
+
 def test_unknown_checkpointing_mode_is_refused():
     with pytest.raises(ValueError, match="activation_checkpointing"):
         ParallelConfig(activation_checkpointing="some")

@@ -93,7 +93,7 @@ def test_flow_stage_fast_dev_run_through_the_real_composition(tmp_path, random_a
 def test_flow_stage_trains_and_finishes(tmp_path, random_ae):
     cfg = compose_train([*tiny_overrides(tmp_path, random_ae), "trainer.max_steps=4",
                          "stage.finish.benchmark.n_per_op=1", "stage.finish.benchmark.chains=0",
-                         "stage.finish.sampler.steps=2"])
+                         "stage.finish.sampler.steps=2", "logger=none"])  # also: no logger is a valid choice
     metrics = run(cfg)
     run_dir = tmp_path / "run"
     assert metrics["steps"] == 4

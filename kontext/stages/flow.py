@@ -79,7 +79,8 @@ class FlowStage(L.LightningModule):
             return
         self._parallelized = True
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
         if mesh is not None and mesh.size() > 1 and self.parallel_cfg.shard_frozen:
             for enc in self._frozen.values():
                 if isinstance(enc, torch.nn.Module):
