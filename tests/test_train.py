@@ -69,6 +69,14 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, random_
     assert obj is not None
 
 
+@pytest.mark.parametrize(("experiment", "stage"), [("embedded_guidance_distill", "guidance_distill"),
+                                                   ("embedded_ladd", "ladd")])
+def test_distillation_experiments_keep_their_stage_optimizer(experiment, stage):
+    """They build on experiment=embedded; the flow stage's from-scratch lr must not leak in."""
+    own = OmegaConf.load(CONFIG_DIR / "stage" / f"{stage}.yaml").optimizer
+    assert compose_train([f"experiment={experiment}"]).stage.optimizer == own
+
+
 def test_model_yaml_mirrors_the_dataclass():
     from dataclasses import asdict, fields
 
