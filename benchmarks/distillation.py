@@ -3,7 +3,7 @@ for the teacher and its distilled students.
 
     python benchmarks/distillation.py teacher=outputs/train/default \\
         guidance_student=outputs/guidance_distill/experiment=embedded_guidance_distill/export \\
-        ladd_student=outputs/ladd/experiment=embedded_ladd/export n=50 steps=20 cfg=3.0 out=bench/distill
+        ladd_student=outputs/ladd/experiment=embedded_ladd/export n=50 steps=20 cfg=4.0 out=bench/distill
 
 Rows (each model given as a run directory, checkpoint or export folder; a student left out
 is skipped):
@@ -41,9 +41,9 @@ from kontext.loading import load_pipeline
 from kontext.shapes_edit import benchmark_cases
 
 USAGE = """usage: python benchmarks/distillation.py teacher=SOURCE [guidance_student=SOURCE] [ladd_student=SOURCE]
-    [n=50] [steps=20] [cfg=3.0] [full_steps=28] [ladd_steps=[1,2,4]] [seed=0] [batch_size=64]
+    [n=50] [steps=20] [cfg=4.0] [full_steps=28] [ladd_steps=[1,2,4]] [seed=0] [batch_size=64]
     [device=cpu] [threads=null] [baselines=true] [out=FOLDER]"""
-DEFAULTS = {"teacher": "???", "guidance_student": None, "ladd_student": None, "n": 50, "steps": 20, "cfg": 3.0,
+DEFAULTS = {"teacher": "???", "guidance_student": None, "ladd_student": None, "n": 50, "steps": 20, "cfg": 4.0,
             "full_steps": 28, "ladd_steps": [1, 2, 4], "seed": 0, "batch_size": 64, "device": "cpu",
             "threads": None, "baselines": True, "out": None}
 
