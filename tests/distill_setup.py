@@ -52,5 +52,7 @@ def compose_distill(setting: dict, experiment: str, out: Path, extra: list[str])
                  f"paths.autoencoder={setting['ae']}", f"stage.teacher={setting['teacher']}", "model=tiny",
                  "logger=csv", "prepare.shapes_edit.n=32", "prepare.shapes_edit.shard_size=32",
                  "data.batch_size=4", "data.epoch_samples=32", *extra]
+    if experiment == "embedded_ladd":  # the student starts from the teacher, not from a distilled run
+        overrides.insert(5, "stage.student_init=null")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)

@@ -74,7 +74,9 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, random_
 def test_distillation_experiments_keep_their_stage_optimizer(experiment, stage):
     """They build on experiment=embedded; the flow stage's from-scratch lr must not leak in."""
     own = OmegaConf.load(CONFIG_DIR / "stage" / f"{stage}.yaml").optimizer
-    assert compose_train([f"experiment={experiment}"]).stage.optimizer == own
+    chosen = OmegaConf.select(OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml"),
+                              "stage.optimizer", default={})
+    assert compose_train([f"experiment={experiment}"]).stage.optimizer == OmegaConf.merge(own, chosen)
 
 
 def test_model_yaml_mirrors_the_dataclass():
