@@ -69,6 +69,11 @@ def job_info(job: str, env: dict) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
+def node_idle(env: dict) -> bool:
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+    return bool(states) and all(state.startswith("idle") for state in states)
+
+
 def wait_for(what: str, condition, timeout: float, log: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,7 +106,10 @@ def test_sbatch_requeues_on_usr1_and_finishes(cluster, tmp_path, random_ae):  # 
 
     # The job requeues itself; SLURM holds a requeued job back ~2 min: release it now.
     wait_for("the requeue", lambda: int(job_info(job, env).get("Restarts", 0)) >= 1, 300, log)
-    wait_for("the pending requeued job", lambda: job_info(job, env).get("JobState") != "RUNNING", 120, log)
+    # Release it only once the node has finished tearing down the first allocation: a start
+    # while the node still completes the old one is refused ("job credential revoked").
+    wait_for("the pending requeued job on an idle node",
+             lambda: job_info(job, env).get("JobState") == "PENDING" and node_idle(env), 120, log)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
     info = wait_for("the job to finish",
                     lambda: (i := job_info(job, env)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and i,
