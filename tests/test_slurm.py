@@ -106,10 +106,12 @@ def test_sbatch_requeues_on_usr1_and_finishes(cluster, tmp_path, random_ae):  # 
 
     # The job requeues itself; SLURM holds a requeued job back ~2 min: release it now.
     wait_for("the requeue", lambda: int(job_info(job, env).get("Restarts", 0)) >= 1, 300, log)
-    # Release it only once the node has finished tearing down the first allocation: a start
-    # while the node still completes the old one is refused ("job credential revoked").
+    # Release it only once the node has torn down the first allocation, and not within the
+    # second of the requeue: slurmd revokes the old allocation's credential with a timestamp in
+    # whole seconds, and refuses a start in that same second ("job credential revoked").
     wait_for("the pending requeued job on an idle node",
              lambda: job_info(job, env).get("JobState") == "PENDING" and node_idle(env), 120, log)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
     info = wait_for("the job to finish",
                     lambda: (i := job_info(job, env)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and i,
