@@ -175,16 +175,19 @@ class FlowStage(L.LightningModule):
         # checkpoint of this step must hold this step's average for a resume to be exact.
         self.ema.update(self.model)
 
-    def configure_optimizers(self):
-        cfg = self.optim_cfg
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: weight decay on matrices only (not biases, norms)."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"], betas=tuple(cfg["betas"]),
-        )
+        return [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        """AdamW over `param_groups()`, with one warm-up-then-decay schedule for every group."""
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
         total = max(int(self.trainer.max_steps), 1)
         warmup, floor, kind = int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"]), cfg["decay"]
 

@@ -78,21 +78,17 @@ class GuidanceDistillStage(FlowStage):
         super().on_fit_start()
         self.teacher.to(dtype=next(self.model.parameters()).dtype)
 
-    def configure_optimizers(self):
-        """The flow stage's optimizer and schedule; with `guidance_lr`, the guidance embedder
-        (new, starting at a zero output) learns at its own rate while the rest, already
-        trained, moves slowly."""
-        out = super().configure_optimizers()
+    def param_groups(self) -> list[dict]:
+        """The flow stage's groups; with `guidance_lr`, the guidance embedder (new, starting at a
+        zero output) forms its own group at that rate while the rest, already trained, moves slowly."""
+        groups = super().param_groups()
         if self.guidance_lr is None:
-            return out
-        opt, factor = out["optimizer"], out["lr_scheduler"]["scheduler"].lr_lambdas[0]
+            return groups
         embedder = list(self.model.guidance_in.parameters())
         ids = {id(p) for p in embedder}
-        for group in opt.param_groups:
+        for group in groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        opt.add_param_group({"params": embedder, "lr": self.guidance_lr, "weight_decay": 0.0})
-        out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, factor)  # same schedule, all groups
-        return out
+        return [*groups, {"params": embedder, "lr": self.guidance_lr, "weight_decay": 0.0}]
 
     def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The empty prompt's (txt (1, L, D), vec (1, D)), encoded once: the negative branch of CFG."""
