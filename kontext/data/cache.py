@@ -14,7 +14,7 @@ beside `<key>.instruction.txt` and `<key>.meta.json`,
 
 plus `empty.safetensors` (the empty prompt's txt and vec, swapped in at read time for
 instruction dropout) and `manifest.json`, written last. The manifest holds the cache's
-identity: the autoencoder's weights and latent scale/shift, the text encoder's `identity`,
+identity (:mod:`kontext.data.cache_identity`): the autoencoder's weights and latent scale/shift, the text encoder's `identity`,
 the bucketing resolution, the source shards and the storage dtype. A cache whose identity
 differs from the current run's is refused (`StaleCacheError`), never silently used. The cache
 is written into a temporary folder that is renamed into place at the end, so a cache folder
@@ -29,7 +29,6 @@ sample instead of running the autoencoder and MiniLM.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -37,16 +36,26 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kontext.data.cache_identity import (  # noqa: F401 - part of this module's interface
+    STORE_DTYPES,
+    CacheError,
+    CacheIdentity,
+    StaleCacheError,
+    autoencoder_identity,
+    cache_identity,
+    module_digest,
+    shards_digest,
+    text_identity,
+)
 from kontext.data.format import Sample
 from kontext.data.writers import ShardWriter
-from kontext.errors import KontextError
 from kontext.weights import read_safetensors, save_safetensors
 
 FORMAT = "kontext.feature_cache"
@@ -54,32 +63,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 EMPTY = "empty.safetensors"
 SHARD_PATTERN = "cache-%06d.tar"
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class CacheError(KontextError):
-    """A feature-cache folder that is not a complete cache."""
-
-
-class StaleCacheError(CacheError):
-    """A complete cache built with other encoders, resolution or data than the current run."""
-
-
-@dataclass(frozen=True)
-class CacheIdentity:
-    """Everything the cached features depend on; two caches are interchangeable iff equal."""
-
-    autoencoder: str
-    text: str
-    resolution: str
-    source: str
-    dtype: str = "float32"
-
-    def diff(self, cached: CacheIdentity) -> list[str]:
-        return [f"{k}: cache {getattr(cached, k)!r} vs now {getattr(self, k)!r}"
-                for k in asdict(self) if getattr(self, k) != getattr(cached, k)]
-
-
 @dataclass
 class CacheManifest:
     path: Path
@@ -99,45 +82,7 @@ class CacheManifest:
         return {"txt": sd["txt"], "vec": sd["vec"]}
 
 
-# ------------------------------------------------------------------------------------ identity
-def module_digest(module: nn.Module) -> str:
-    """A short hash of a module's tensors (names, dtypes, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def autoencoder_identity(autoencoder: nn.Module) -> str:
-    """The autoencoder's weights plus its params, which hold the latent scale/shift."""
-    params = autoencoder.current_params() if hasattr(autoencoder, "current_params") else getattr(
-        autoencoder, "params", None)
-    params = asdict(params) if is_dataclass(params) else params
-    text = json.dumps(params, sort_keys=True, default=str)
-    return f"{module_digest(autoencoder)}:{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def shards_digest(shards: Sequence[str | os.PathLike]) -> str:
-    """A cheap identity of a shard set: local files by name and size (the shard writers are
-    deterministic), URLs by name."""
-    h = hashlib.sha256()
-    for s in sorted(str(s) for s in shards):
-        size = os.path.getsize(s) if os.path.isfile(s) else "url"
-        h.update(f"{os.path.basename(s)}:{size};".encode())
-    return f"{len(shards)} shards:{h.hexdigest()[:16]}"
-
-
-def text_identity(text_encoder) -> str:
-    """The identity of a built TextEncoder, or of a text config (computed without loading it)."""
-    if isinstance(text_encoder, Mapping):
-        from kontext.text import text_encoder_identity
-
-        return text_encoder_identity(**{k: v for k, v in text_encoder.items() if not k.startswith("_")})
-    return text_encoder.identity
-
-
+# -------------------------------------------------------------------------------- build helpers
 def make_text_encoder(text_encoder, device: torch.device | str = "cpu"):
     """A TextEncoder as given, or built from its config onto `device`."""
     if isinstance(text_encoder, Mapping):
@@ -146,15 +91,6 @@ def make_text_encoder(text_encoder, device: torch.device | str = "cpu"):
         kwargs = {k: v for k, v in text_encoder.items() if not k.startswith("_")}
         return build_text_encoder(**kwargs).to(device)
     return text_encoder
-
-
-def cache_identity(autoencoder: nn.Module, text_encoder, resolution, source: str,
-                   dtype: str = "float32") -> CacheIdentity:
-    """`text_encoder`: a TextEncoder or its config (kind + arguments)."""
-    if dtype not in STORE_DTYPES:
-        raise CacheError(f"cache dtype {dtype!r} not in {sorted(STORE_DTYPES)}")
-    return CacheIdentity(autoencoder_identity(autoencoder), text_identity(text_encoder), str(resolution),
-                         str(source), dtype)
 
 
 # --------------------------------------------------------------------------------------- open
