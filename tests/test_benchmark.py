@@ -126,3 +126,60 @@ def test_benchmark_command(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["benchmark.json", "benchmark.md", "grid.png"]
     data = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert data["settings"]["model"].endswith("last.ckpt") and data["sampler"]["steps"] == 2
+
+
+def _heldout_script():
+    import importlib.util
+
+    from kontext.run import CONFIG_DIR
+
+    spec = importlib.util.spec_from_file_location("heldout_loss", CONFIG_DIR.parent / "benchmarks" / "heldout_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class VelocityOracle(torch.nn.Module):
+    """Knows the clean target tokens x, so answers z_t with the exact velocity (z_t - x) / t."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.clean, self.anchor = clean, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, img, img_ids, txt, txt_ids, t, vec, guidance=None):
+        n = self.clean.shape[1]
+        velocity = (img[:, :n] - self.clean) / t[:, None, None]
+        return torch.cat([velocity, torch.zeros_like(img[:, n:])], dim=1)
+
+
+def test_heldout_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
+    from kontext import packing
+
+    script = _heldout_script()
+    pipe = tiny_pipeline(seed=1)
+    cases = {"recolor": script.cases_by_op(3, "bench")["recolor"]}
+    random = script.heldout_loss(pipe, cases, [0.3, 0.9])
+    assert random["recolor"] > 0.01 and random["mean"] == random["recolor"]
+    clean = packing.prepare(pipe.encode_images([c.target for c in cases["recolor"]]),
+                            [pipe.encode_images([c.reference for c in cases["recolor"]])]).img
+    pipe.model = VelocityOracle(clean)
+    assert script.heldout_loss(pipe, cases, [0.3, 0.9])["recolor"] < 1e-10
+
+
+def test_heldout_loss_command(tmp_path, capsys):
+    from kontext.cli import run_main
+    from kontext.export import export
+
+    script = _heldout_script()
+    export(tiny_pipeline(seed=1), tmp_path / "a")
+    export(tiny_pipeline(seed=2), tmp_path / "b")
+    rows = script.main([f"models=[{tmp_path / 'a'},{tmp_path / 'b'}]", "n=1", "t=[0.5]", f"out={tmp_path / 'out'}"])
+    assert [list(r["loss"]) for r in rows] == [[*OPS, "mean"]] * 2
+    assert rows[0]["loss"] != rows[1]["loss"]
+    saved = json.loads((tmp_path / "out" / "heldout_loss.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["t"] == [0.5]
+    with pytest.raises(SystemExit):
+        run_main(script.main, [f"models={tmp_path / 'a'}", "t=[0.0]"])
+    assert "t must be times in (0, 1]" in capsys.readouterr().err
+    train = script.cases_by_op(2, "train")
+    assert all(len(train[op]) == 2 and all(c.split == "train" for c in train[op]) for op in OPS)
