@@ -185,3 +185,57 @@ def test_flow_stage_loss_is_zero_exactly_for_the_true_velocity(offset):
         assert loss.item() < 1e-10
     else:
         assert loss.item() == pytest.approx(offset**2, rel=1e-4)
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    from kontext.stages.flow import lr_factor
+
+    kw = {"warmup": 10, "total": 110, "floor": 0.1}
+    assert lr_factor(0, **kw) == pytest.approx(0.1) and lr_factor(9, **kw) == pytest.approx(1.0)
+    assert lr_factor(10, **kw) == pytest.approx(1.0)
+    assert lr_factor(60, **kw) == pytest.approx(0.55)  # cosine half-way: (1 + floor) / 2
+    assert lr_factor(110, **kw) == pytest.approx(0.1) and lr_factor(500, **kw) == pytest.approx(0.1)
+    assert lr_factor(60, kind="linear", **kw) == pytest.approx(0.55)
+    assert lr_factor(60, kind="none", **kw) == 1.0
+    # A spent time budget pulls the decay ahead of the step count, never behind it.
+    assert lr_factor(20, time_progress=1.0, **kw) == pytest.approx(0.1)
+    assert lr_factor(60, time_progress=0.1, **kw) == pytest.approx(0.55)
+    assert lr_factor(5, time_progress=1.0, **kw) == pytest.approx(0.6)  # warm-up stays step-based
+
+
+@pytest.mark.parametrize("decay_by", ["steps", "max_time"])
+def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.callbacks import Timer
+
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage, lr_factor
+
+    stage = FlowStage(FLUX_PRESETS["tiny"], optimizer={"warmup_steps": 10, "decay_by": decay_by})
+    trainer = L.Trainer(max_steps=110, max_time="00:00:10:00", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, accelerator="cpu")
+    stage.trainer = trainer
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": 450.0)  # 3/4 of the budget spent
+    monkeypatch.setattr(timer, "time_remaining", lambda stage="train": 150.0)
+    factor = stage.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    progress = 0.75 if decay_by == "max_time" else 0.0
+    assert factor(20) == pytest.approx(lr_factor(20, warmup=10, total=110, time_progress=progress))
+    assert (factor(20) < 0.5) == (decay_by == "max_time")
+
+
+def test_flow_stage_refuses_a_bad_schedule():
+    import lightning as L
+
+    from kontext.errors import KontextError
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage
+
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, accelerator="cpu")
+    for optimizer, message in (({"decay": "cosin"}, "optimizer.decay must be"),
+                               ({"decay_by": "time"}, "optimizer.decay_by must be"),
+                               ({"decay_by": "max_time"}, "needs trainer.max_time")):
+        stage = FlowStage(FLUX_PRESETS["tiny"], optimizer=optimizer)
+        stage.trainer = trainer
+        with pytest.raises(KontextError, match=message):
+            stage.configure_optimizers()

@@ -18,12 +18,31 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from kontext import flow, packing, parallel
 from kontext.ema import EMA
+from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,
+              time_progress: float = 0.0) -> float:
+    """The learning-rate multiplier at `step`: linear warm-up over `warmup` steps, then `kind`
+    (cosine | linear | none) decay to `floor`. Decay progress is the share of the steps after
+    warm-up that are done, or `time_progress` (the share of a time budget spent) when larger."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(max((step - warmup) / max(total - warmup, 1), time_progress), 1.0)
+    if kind == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"optimizer.decay must be cosine, linear or none, got {kind!r}")
 
 
 class FlowStage(L.LightningModule):
@@ -50,7 +69,7 @@ class FlowStage(L.LightningModule):
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
         self.optim_cfg = {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100,
-                          "decay": "cosine", "min_lr_ratio": 0.1, **(optimizer or {})}
+                          "decay": "cosine", "min_lr_ratio": 0.1, "decay_by": "steps", **(optimizer or {})}
         self.time_cfg = {"sigma": 1.0, "mu": "auto", **(time_sampling or {})}
         self.train_guidance = train_guidance
         self.val_cfg = {"every_n_steps": 0, "cases_per_op": 8, "steps": 20, **(validation or {})}
@@ -188,18 +207,24 @@ class FlowStage(L.LightningModule):
         """AdamW over `param_groups()`, with one warm-up-then-decay schedule for every group."""
         cfg = self.optim_cfg
         opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        if cfg["decay"] not in ("cosine", "linear", "none"):
+            raise KontextError(f"optimizer.decay must be cosine, linear or none, got {cfg['decay']!r}")
+        if cfg["decay_by"] not in ("steps", "max_time"):
+            raise KontextError(f"optimizer.decay_by must be steps or max_time, got {cfg['decay_by']!r}")
         total = max(int(self.trainer.max_steps), 1)
-        warmup, floor, kind = int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"]), cfg["decay"]
+        timer = None
+        if cfg["decay_by"] == "max_time":
+            timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+            if timer is None:
+                raise KontextError("optimizer.decay_by=max_time needs trainer.max_time")
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            if kind == "cosine":
-                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-            if kind == "linear":
-                return floor + (1 - floor) * (1 - progress)
-            return 1.0
+            time_progress = 0.0
+            if timer is not None:
+                elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+                time_progress = elapsed / max(elapsed + (left or 0.0), 1e-9)
+            return lr_factor(step, warmup=int(cfg["warmup_steps"]), total=total, kind=cfg["decay"],
+                             floor=float(cfg["min_lr_ratio"]), time_progress=time_progress)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
