@@ -222,6 +222,13 @@ def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkey
     progress = 0.75 if decay_by == "max_time" else 0.0
     assert factor(20) == pytest.approx(lr_factor(20, warmup=10, total=110, time_progress=progress))
     assert (factor(20) < 0.5) == (decay_by == "max_time")
+    if decay_by == "max_time":  # several ranks follow rank 0's clock, so they share one lr
+        from types import SimpleNamespace
+
+        stage._trainer = SimpleNamespace(max_steps=110, callbacks=[timer], world_size=2,
+                                         strategy=SimpleNamespace(broadcast=lambda obj, src=0: 0.25))
+        factor = stage.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        assert factor(20) == pytest.approx(lr_factor(20, warmup=10, total=110, time_progress=0.25))
     # Without a max_time there is no clock: the steps alone set the decay.
     stage.trainer = L.Trainer(max_steps=110, logger=False, enable_checkpointing=False, accelerator="cpu")
     factor = stage.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]

@@ -221,6 +221,8 @@ class FlowStage(L.LightningModule):
             if timer is not None:
                 elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
                 time_progress = elapsed / max(elapsed + (left or 0.0), 1e-9)
+                if self.trainer.world_size > 1:  # every rank takes rank 0's clock: one lr everywhere
+                    time_progress = float(self.trainer.strategy.broadcast(time_progress, src=0))
             return lr_factor(step, warmup=int(cfg["warmup_steps"]), total=total, kind=cfg["decay"],
                              floor=float(cfg["min_lr_ratio"]), time_progress=time_progress)
 
