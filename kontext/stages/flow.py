@@ -27,6 +27,8 @@ from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
 
+DECAYS = ("cosine", "linear", "none")
+
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,
               time_progress: float = 0.0) -> float:
@@ -42,7 +44,7 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor
         return floor + (1 - floor) * (1 - progress)
     if kind == "none":
         return 1.0
-    raise ValueError(f"optimizer.decay must be cosine, linear or none, got {kind!r}")
+    raise ValueError(f"optimizer.decay must be one of {DECAYS}, got {kind!r}")
 
 
 class FlowStage(L.LightningModule):
@@ -207,8 +209,8 @@ class FlowStage(L.LightningModule):
         """AdamW over `param_groups()`, with one warm-up-then-decay schedule for every group."""
         cfg = self.optim_cfg
         opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
-        if cfg["decay"] not in ("cosine", "linear", "none"):
-            raise KontextError(f"optimizer.decay must be cosine, linear or none, got {cfg['decay']!r}")
+        if cfg["decay"] not in DECAYS:
+            raise KontextError(f"optimizer.decay must be one of {DECAYS}, got {cfg['decay']!r}")
         if cfg["decay_by"] not in ("steps", "max_time"):
             raise KontextError(f"optimizer.decay_by must be steps or max_time, got {cfg['decay_by']!r}")
         total = max(int(self.trainer.max_steps), 1)
