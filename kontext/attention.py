@@ -131,14 +131,29 @@ def resolve_backend(q: Tensor, backend: str | None = None) -> str:
     return "flash" if reason is None else "sdpa"
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, backend: str | None = None) -> Tensor:
-    """RoPE, then softmax attention over all tokens: (B, H, L, D) x3 -> (B, L, H*D)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, backend: str | None = None,
+              key_bias: Tensor | None = None) -> Tensor:
+    """RoPE, then softmax attention over all tokens: (B, H, L, D) x3 -> (B, L, H*D).
+
+    `key_bias` (B, L), optional, is added to every query's logit for each key (the log of how
+    many identical tokens a key stands for, see `packing.compact_text`); SDPA runs it."""
     q, k = apply_rope(q, k, pe)
+    if key_bias is not None:
+        return rearrange(_sdpa(q, k, v, key_bias[:, None, None, :]), MERGE_HEADS)
     if resolve_backend(q, backend) == "flash":
         _, kernel = _flash_kernel()
         # flash kernels take (B, L, H, D); some FA3 builds also return the log-sum-exp.
         out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out[0] if isinstance(out, tuple) else out
         return rearrange(out, "B L H D -> B L (H D)")
-    out = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, MERGE_HEADS)
+    return rearrange(_sdpa(q, k, v), MERGE_HEADS)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        # On CPU, bf16 SDPA's backward is several times slower than fp32's at these sizes (and
+        # CPU autocast would cast float inputs back to bf16), so it runs in float32.
+        with torch.autocast("cpu", enabled=False):
+            mask = None if mask is None else mask.float()
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(v.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))

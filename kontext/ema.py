@@ -11,6 +11,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA(nn.Module):
@@ -29,9 +30,12 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         ema_params = dict(self.model.named_parameters())
-        for name, param in model.named_parameters():
-            ema = ema_params[name]
-            ema.lerp_(param.detach().to(ema.dtype), 1.0 - decay)
+        pairs = [(ema_params[name], param.detach().to(ema_params[name].dtype)) for name, param in model.named_parameters()]
+        if not any(isinstance(t, DTensor) for pair in pairs for t in pair):
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)  # one fused pass
+        else:  # DTensor shards (FSDP2): one tensor at a time
+            for ema, param in pairs:
+                ema.lerp_(param, 1.0 - decay)
         for (_, ema_buf), (_, buf) in zip(self.model.named_buffers(), model.named_buffers(), strict=True):
             ema_buf.copy_(buf)
         self.num_updates += 1

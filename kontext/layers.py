@@ -178,8 +178,10 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = _layer_norm(hidden_size)
         self.txt_mlp = _gelu_mlp(hidden_size, mlp_hidden_dim)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        # img: (B, L_img, D), txt: (B, L_txt, D), vec: (B, D), pe: (B, 1, L_txt + L_img, D_head/2, 2, 2)
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # img: (B, L_img, D), txt: (B, L_txt, D), vec: (B, D), pe: (B, 1, L_txt + L_img, D_head/2, 2, 2),
+        # key_bias: None or (B, L_txt + L_img), see `attention`
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
@@ -190,7 +192,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)  # (B, L_txt + L_img, D)
+        attn = attention(q, k, v, pe=pe, key_bias=key_bias)  # (B, L_txt + L_img, D)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -217,14 +219,14 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        # x: (B, L_txt + L_img, D)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, key_bias: Tensor | None = None) -> Tensor:
+        # x: (B, L_txt + L_img, D), key_bias: None or (B, L_txt + L_img)
         mod, _ = self.modulation(vec)
         x_mod = mod.modulate(self.pre_norm(x))
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, SPLIT_QKV, K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)  # (B, L, D)
+        attn = attention(q, k, v, pe=pe, key_bias=key_bias)  # (B, L, D)
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 

@@ -163,6 +163,7 @@ class Flux(nn.Module):
         timesteps: Tensor,  # (B,) flow time t in [0, 1]
         y: Tensor,         # (B, vec_in_dim) pooled text vector
         guidance: Tensor | None = None,  # (B,) guidance scale, for guidance-distilled models
+        txt_multiplicity: Tensor | None = None,  # (B, L_txt): identical text rows each row stands for
     ) -> Tensor:           # (B, L_img, out_channels): one prediction per image token given
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must have 3 dimensions (B, L, C)")
@@ -183,12 +184,18 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, L_txt + L_img, D_head/2, 2, 2)
+        key_bias = None  # see packing.compact_text: the log of each text row's multiplicity
+        if txt_multiplicity is not None:
+            if txt_multiplicity.shape != txt.shape[:2]:
+                raise ValueError(f"txt_multiplicity {tuple(txt_multiplicity.shape)} must be (B, L_txt) "
+                                 f"= {tuple(txt.shape[:2])}")
+            key_bias = torch.cat((txt_multiplicity.float().log(), img.new_zeros(img.shape[:2], dtype=torch.float32)), dim=1)
         for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, key_bias=key_bias)
 
         x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D)
         for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe)
+            x = block(x, vec=vec, pe=pe, key_bias=key_bias)
         img = x[:, txt.shape[1] :, ...]
 
         return self.final_layer(img, vec)  # (B, L_img, out_channels)

@@ -54,6 +54,33 @@ def txt_ids(
     return torch.zeros(b, length, 3, device=device, dtype=dtype)
 
 
+def compact_text(txt: Tensor, multiple: int = 16) -> tuple[Tensor, Tensor | None]:
+    """Drop most trailing all-zero rows of `txt` (B, L, D) without changing the model's output.
+
+    Zero rows are identical tokens all the way through the network: the same input row
+    (`txt_in`'s bias), the same id (text ids are all zero) and only token-wise operations
+    besides attention, where every copy is one more equal key and value. K equal keys weigh
+    exactly as one key whose logit is raised by log K. So sample i, with n_i prompt rows
+    followed by L - n_i zero rows, can keep m - n_i of them, each standing for
+    (L - n_i) / (m - n_i) rows; `Flux.forward(..., txt_multiplicity=...)` adds the log of that
+    count to their attention logits. The embedded encoder zero-pads its prompts (Shapes-Edit
+    edits are <= 10 of 32 rows); encoders whose padding is not zero (T5) are returned as given.
+
+    m is the batch's longest prompt plus one zero row, rounded up to a multiple of `multiple`
+    (few distinct shapes, so compiled blocks rarely recompile). Returns (txt[:, :m], the
+    (B, m) multiplicities), or (txt, None) when nothing would be dropped.
+    """
+    b, length = txt.shape[:2]
+    rows = torch.arange(1, length + 1, device=txt.device)
+    n = torch.where(txt.ne(0).any(dim=-1), rows, 0).amax(dim=1)  # (B,) rows up to the last non-zero one
+    m = min(length, -(-(int(n.max()) + 1) // multiple) * multiple)
+    if m >= length:
+        return txt, None
+    count = ((length - n) / (m - n)).to(txt.dtype)  # (B,) rows each kept zero row stands for
+    mult = torch.where(rows[:m] > n[:, None], count[:, None], torch.ones((), dtype=txt.dtype, device=txt.device))
+    return txt[:, :m], mult
+
+
 @dataclass
 class KontextTokens:
     img: Tensor       # (B, L_img, 4C) target tokens

@@ -110,15 +110,23 @@ def denoise(
     if batched:
         branches = [tuple(torch.cat(pair, dim=0) for pair in zip(*branches, strict=True))]
 
+    # Trailing zero rows of the text (the embedded encoder's padding) shrink to a few weighted
+    # ones; exact (packing.compact_text), and a model only sees the argument when it applies.
+    compacted = []
+    for b_txt, b_txt_ids, b_vec in branches:
+        short, mult = packing.compact_text(b_txt)
+        extra = {} if mult is None else {"txt_multiplicity": mult}
+        compacted.append((short, b_txt_ids[:, : short.shape[1]], b_vec, extra))
+
     def velocity(tokens: Tensor, t: float) -> Tensor:
         preds = []
-        for b_txt, b_txt_ids, b_vec in branches:
+        for b_txt, b_txt_ids, b_vec, extra in compacted:
             reps = b_txt.shape[0] // b
             x = tokens.repeat(reps, 1, 1)
             x_ids = ids.repeat(reps, 1, 1)
             t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
             g_vec = None if guidance is None else torch.full_like(t_vec, guidance)
-            pred = model(x, x_ids, b_txt, b_txt_ids, t_vec, b_vec, guidance=g_vec)
+            pred = model(x, x_ids, b_txt, b_txt_ids, t_vec, b_vec, guidance=g_vec, **extra)
             preds.append(packing.target_slice(pred, n_img))  # (reps * B, L_img, C)
         pred = torch.cat(preds, dim=0)
         if not use_cfg:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kontext.model import build_flux
-from kontext.packing import make_ids, pack, prepare, target_slice, txt_ids, unpack
+from kontext.packing import compact_text, make_ids, pack, prepare, target_slice, txt_ids, unpack
 
 
 def test_pack_layout_and_round_trip():
@@ -92,3 +92,57 @@ def test_model_output_sliced_to_target_tokens():
         moved.ctx_ids[..., 0] = 0
         assert not torch.allclose(out, run(moved), atol=1e-4)
         assert not torch.allclose(out, run(prepare(target, [])), atol=1e-4)
+
+
+def _zero_padded(lengths: list[int], length: int = 32, dim: int = 384) -> torch.Tensor:
+    txt = torch.randn(len(lengths), length, dim)
+    for i, n in enumerate(lengths):
+        txt[i, n:] = 0
+    return txt
+
+
+def test_compact_text_keeps_the_prompts_and_counts_the_dropped_rows():
+    txt = _zero_padded([3, 10, 7, 2])
+    short, mult = compact_text(txt)
+    assert short.shape == (4, 16, 384) and torch.equal(short, txt[:, :16])  # longest 10 + 1, to 16
+    assert torch.equal(mult[1, :10], torch.ones(10)) and torch.allclose(mult[1, 10:], torch.full((6,), 22 / 6))
+    assert torch.allclose(mult[0, 3:], torch.full((13,), 29 / 13))
+    # Each sample's kept rows stand for exactly its original L rows.
+    assert torch.allclose(mult.sum(dim=1), torch.full((4,), 32.0))
+    # Nothing to drop: a full-length prompt, a rounded length that reaches L, or no zero rows (T5).
+    for unchanged in (_zero_padded([32, 3]), _zero_padded([20, 3]), torch.randn(2, 32, 8)):
+        same, none = compact_text(unchanged)
+        assert same is unchanged and none is None
+    assert compact_text(_zero_padded([20, 3]), multiple=8)[0].shape[1] == 24
+    # Only trailing zero rows count as padding: a zero row inside the prompt stays.
+    inner = _zero_padded([6, 6])
+    inner[0, 2] = 0
+    assert torch.equal(compact_text(inner)[1][0, :6], torch.ones(6))
+
+
+def test_compacted_text_gives_the_same_outputs_and_gradients():
+    model = build_flux("tiny")
+    for p in model.parameters():  # leave adaLN-Zero so that every block matters
+        p.data.normal_(0, 0.1)
+    txt = _zero_padded([3, 10, 7, 2])
+    tok = prepare(torch.randn(4, 16, 8, 8), [torch.randn(4, 16, 8, 8)])
+    img, ids = tok.joint()
+    t, y, g = torch.rand(4), torch.randn(4, 384), torch.full((4,), 3.0)
+
+    def loss_and_grads(txt, mult):
+        model.zero_grad()
+        out = model(img, ids, txt, txt_ids(4, txt.shape[1]), t, y, guidance=g, txt_multiplicity=mult)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = loss_and_grads(txt, None)
+    short, mult = compact_text(txt)
+    out, grads = loss_and_grads(short, mult)
+    assert short.shape[1] == 16
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    # Dropping the rows without their counts is not the same model.
+    assert not torch.allclose(loss_and_grads(short, None)[0], full, atol=1e-3)
+    with pytest.raises(ValueError, match="txt_multiplicity"):
+        model(img, ids, short, txt_ids(4, 16), t, y, guidance=g, txt_multiplicity=mult[:, :8])

@@ -234,3 +234,36 @@ def test_real_model_batched_cfg_equals_separate_forwards():
     # One step from t=1 to 0: sample = noise - v, so v = noise - sample for each branch.
     v = (noise - neg) + 3.0 * ((noise - cond) - (noise - neg))
     torch.testing.assert_close(guided, noise - v, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_padded_text_is_compacted_without_changing_the_sample():
+    model = _tiny_flux()
+    p = model.params
+    b, h, w = 2, 4, 4
+    g = torch.Generator().manual_seed(3)
+    txt, vec = torch.randn(b, 32, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+    txt[0, 4:], txt[1, 9:] = 0, 0  # zero-padded prompts, as the embedded encoder gives them
+    neg = (torch.cat([torch.randn(1, 2, p.context_in_dim, generator=g), torch.zeros(1, 30, p.context_in_dim)], 1),
+           torch.randn(1, p.vec_in_dim, generator=g))
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, *args, **kwargs):
+            seen.append(args[2].shape[1])
+            return model(*args, **kwargs)
+
+    times = [1.0, 0.6, 0.0]
+    kw = dict(height=h, width=w, seed=4, timesteps=times, guidance=2.5 if p.guidance_embed else None)
+    out = sample_latents(Recording(), [], txt, vec, cfg_scale=3.0, uncond=neg, **kw)
+    assert seen == [16, 16]  # one 2B forward per step, on 16 of the 32 text rows
+    # The same Euler steps by hand on the full 32 rows.
+    x = packing.pack(get_noise(b, h, w, seed=4, device="cpu", dtype=torch.float32))
+    ids, full_txt = packing.make_ids(b, h, w), torch.cat([txt, neg[0].expand(b, -1, -1)])
+    for t_curr, t_prev in zip(times[:-1], times[1:]):
+        tt = torch.full((2 * b,), t_curr)
+        gg = None if kw["guidance"] is None else torch.full((2 * b,), 2.5)
+        with torch.no_grad():
+            v_cond, v_neg = model(x.repeat(2, 1, 1), ids.repeat(2, 1, 1), full_txt, packing.txt_ids(2 * b, 32), tt,
+                                  torch.cat([vec, neg[1].expand(b, -1)]), guidance=gg).chunk(2)
+        x = x + (t_prev - t_curr) * (v_neg + 3.0 * (v_cond - v_neg))
+    torch.testing.assert_close(out, packing.unpack(x, h, w), rtol=1e-4, atol=1e-4)

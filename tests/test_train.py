@@ -249,3 +249,32 @@ def test_flow_stage_refuses_a_bad_schedule():
         stage.trainer = trainer
         with pytest.raises(KontextError, match=message):
             stage.configure_optimizers()
+
+
+def test_ema_update_is_the_warmed_up_average():
+    from kontext.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema = EMA(net, decay=0.9)
+    start = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)  # warm-up decay min(0.9, 1/10)
+    for e, s, p in zip(ema.model.parameters(), start, net.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.1 * s + 0.9 * p)
+    assert int(ema.num_updates) == 1 and ema.current_decay() == pytest.approx(2 / 11)
+
+
+def test_flow_stage_optimizer_is_fused_unless_autocast_clips():
+    import lightning as L
+
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage
+
+    for precision, fused in (("32-true", True), ("bf16-mixed", False)):
+        stage = FlowStage(FLUX_PRESETS["tiny"])
+        stage.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, accelerator="cpu",
+                                  precision=precision)
+        opt = stage.configure_optimizers()["optimizer"]
+        assert bool(opt.defaults["fused"]) == fused and bool(opt.defaults["foreach"]) == (not fused)

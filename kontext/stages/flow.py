@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from kontext import flow, packing, parallel
@@ -58,6 +59,7 @@ class FlowStage(L.LightningModule):
         ema_decay: float = 0.999,
         time_sampling: dict | None = None,
         train_guidance: float = 1.0,
+        compact_text: bool = True,
         validation: dict | None = None,
         finish: dict | None = None,
         parallel: ParallelConfig | None = None,
@@ -74,6 +76,7 @@ class FlowStage(L.LightningModule):
                           "decay": "cosine", "min_lr_ratio": 0.1, "decay_by": "steps", **(optimizer or {})}
         self.time_cfg = {"sigma": 1.0, "mu": "auto", **(time_sampling or {})}
         self.train_guidance = train_guidance
+        self.compact_text = compact_text
         self.val_cfg = {"every_n_steps": 0, "cases_per_op": 8, "steps": 20, **(validation or {})}
         self.finish_cfg = finish or {}
         self.last_batch_size = 0
@@ -173,8 +176,12 @@ class FlowStage(L.LightningModule):
         guidance = None
         if self.params.guidance_embed:
             guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=x.dtype)
+        extra = {}
+        if self.compact_text:  # exact: the model's output and gradients do not change
+            txt, mult = packing.compact_text(txt)
+            extra = {} if mult is None else {"txt_multiplicity": mult}
         pred = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x.device),
-                          t.to(x.dtype), vec, guidance)
+                          t.to(x.dtype), vec, guidance, **extra)
         loss = flow.flow_loss(packing.target_slice(pred, n_img), flow.velocity_target(tokens.img, noise))
         self.last_batch_size = b
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
@@ -208,7 +215,13 @@ class FlowStage(L.LightningModule):
     def configure_optimizers(self):
         """AdamW over `param_groups()`, with one warm-up-then-decay schedule for every group."""
         cfg = self.optim_cfg
-        opt = torch.optim.AdamW(self.param_groups(), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        groups = self.param_groups()
+        # The fused kernel: one pass over all tensors (5x faster than the per-tensor loop on CPU).
+        # Lightning's autocast plugin refuses gradient clipping with it, so there: foreach.
+        amp = isinstance(getattr(self.trainer, "precision_plugin", None), MixedPrecision)
+        fused = not amp and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                **({"fused": True} if fused else {"foreach": True}))
         if cfg["decay"] not in DECAYS:
             raise KontextError(f"optimizer.decay must be one of {DECAYS}, got {cfg['decay']!r}")
         if cfg["decay_by"] not in ("steps", "max_time"):
