@@ -183,3 +183,16 @@ def test_heldout_loss_command(tmp_path, capsys):
     assert "t must be times in (0, 1]" in capsys.readouterr().err
     train = script.cases_by_op(2, "train")
     assert all(len(train[op]) == 2 and all(c.split == "train" for c in train[op]) for op in OPS)
+
+
+def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "text_compaction.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--steps", "1"], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["edit"]["text_rows"] == [32, 16]  # Shapes-Edit edits fit in 16 of the 32 rows
+    assert result["edit"]["max_abs_diff"] < 1e-4 and result["edit"]["ms_compact"] > 0
