@@ -126,6 +126,15 @@ def test_teacher_guided_velocity_equals_two_forwards():
         cond = teacher(img, ids, txt, txt_ids, t, vec)[:, : tokens.n_img]
         neg = teacher(img, ids, u_txt.expand(2, -1, -1), txt_ids, t, u_vec.expand(2, -1))[:, : tokens.n_img]
     torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
+    # Zero-padded text (the embedded encoder's) runs compacted, with the same result.
+    pad = torch.zeros(2, 26, 384)
+    txt, u_txt = torch.cat([txt, pad], 1), torch.cat([u_txt[:, :2], torch.zeros(1, 30, 384)], 1)
+    txt_ids = packing.txt_ids(2, 32)
+    got = distill.teacher_guided_velocity(teacher, img, ids, txt, txt_ids, t, vec, (u_txt, u_vec), w, tokens.n_img)
+    with torch.no_grad():
+        cond = teacher(img, ids, txt, txt_ids, t, vec)[:, : tokens.n_img]
+        neg = teacher(img, ids, u_txt.expand(2, -1, -1), txt_ids, t, u_vec.expand(2, -1))[:, : tokens.n_img]
+    torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
 
 
 def test_student_gets_a_zero_output_guidance_embedding_that_learns():
