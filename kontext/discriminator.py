@@ -62,6 +62,7 @@ def block_features(
     timesteps: Tensor,  # (B,)
     y: Tensor,         # (B, D_vec)
     guidance: Tensor | None = None,
+    txt_multiplicity: Tensor | None = None,  # (B, L_txt), see packing.compact_text
 ) -> list[Tensor]:
     """Target-token features after each of ``blocks`` (sorted, see :func:`resolve_blocks`):
     a list of (B, D, h, w), in the order of ``blocks``."""
@@ -81,7 +82,8 @@ def block_features(
 
     handles = [all_blocks[i].register_forward_hook(hook_for(i)) for i in blocks]
     try:
-        model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        extra = {} if txt_multiplicity is None else {"txt_multiplicity": txt_multiplicity}
+        model(img, img_ids, txt, txt_ids, timesteps, y, guidance, **extra)
     except _StopForward:
         pass
     finally:

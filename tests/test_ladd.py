@@ -62,6 +62,21 @@ def test_features_are_the_target_image_tokens_on_their_grid():
         assert torch.equal(feat[:, :, 1, 2], feat.flatten(2)[:, :, 1 * 4 + 2])
 
 
+def test_features_with_compacted_text_equal_the_full_padding():
+    model = random_flux(1)
+    tokens, img, ids, txt, txt_ids, t, y = _inputs()
+    g, blocks = torch.full((2,), 2.0), resolve_blocks(model, None)
+    padded = torch.cat([txt, torch.zeros(2, 32 - txt.shape[1], txt.shape[2])], dim=1)
+    short, mult = packing.compact_text(padded)
+    assert mult is not None and short.shape[1] < 32
+    with torch.no_grad():
+        full = block_features(model, blocks, (4, 4), img, ids, padded, packing.txt_ids(2, 32), t, y, g)
+        compact = block_features(model, blocks, (4, 4), img, ids, short, packing.txt_ids(2, short.shape[1]), t, y, g,
+                                 mult)
+    for a, b in zip(compact, full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_features_stop_after_the_deepest_chosen_block():
     model = random_flux(2)
     calls = []
