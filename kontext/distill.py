@@ -72,8 +72,7 @@ def teacher_guided_velocity(
     u_txt, u_vec = u_txt.expand(b, *u_txt.shape[1:]).to(txt), u_vec.expand(b, *u_vec.shape[1:]).to(vec)
     if u_txt.shape != txt.shape:
         raise ValueError(f"unconditional text {tuple(u_txt.shape)} must match the text {tuple(txt.shape)}")
-    both, mult = packing.compact_text(torch.cat([txt, u_txt]))  # exact; see packing.compact_text
-    extra = {} if mult is None else {"txt_multiplicity": mult}
+    both, extra = packing.model_text(torch.cat([txt, u_txt]))  # exact: same velocities
     pred = teacher(img.repeat(2, 1, 1), img_ids.repeat(2, 1, 1), both, txt_ids[:, : both.shape[1]].repeat(2, 1, 1),
                    t.repeat(2), torch.cat([vec, u_vec]), None if guidance is None else guidance.repeat(2), **extra)
     cond, neg = packing.target_slice(pred, n_img).chunk(2)

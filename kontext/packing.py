@@ -81,6 +81,16 @@ def compact_text(txt: Tensor, multiple: int = 16) -> tuple[Tensor, Tensor | None
     return txt[:, :m], mult
 
 
+def model_text(txt: Tensor, compact: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """(text rows, extra keyword arguments) to call the model with: `compact_text`'s rows and,
+    when it dropped any, `{"txt_multiplicity": ...}`; with `compact=False`, `txt` and `{}`.
+    A model only sees the argument when it applies (so stand-in models need not accept it)."""
+    if not compact:
+        return txt, {}
+    short, mult = compact_text(txt)
+    return short, ({} if mult is None else {"txt_multiplicity": mult})
+
+
 @dataclass
 class KontextTokens:
     img: Tensor       # (B, L_img, 4C) target tokens

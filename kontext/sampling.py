@@ -114,8 +114,7 @@ def denoise(
     # ones; exact (packing.compact_text), and a model only sees the argument when it applies.
     compacted = []
     for b_txt, b_txt_ids, b_vec in branches:
-        short, mult = packing.compact_text(b_txt)
-        extra = {} if mult is None else {"txt_multiplicity": mult}
+        short, extra = packing.model_text(b_txt)
         compacted.append((short, b_txt_ids[:, : short.shape[1]], b_vec, extra))
 
     def velocity(tokens: Tensor, t: float) -> Tensor:

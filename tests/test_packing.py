@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kontext.model import build_flux
-from kontext.packing import compact_text, make_ids, pack, prepare, target_slice, txt_ids, unpack
+from kontext.packing import compact_text, make_ids, model_text, pack, prepare, target_slice, txt_ids, unpack
 
 
 def test_pack_layout_and_round_trip():
@@ -118,6 +118,15 @@ def test_compact_text_keeps_the_prompts_and_counts_the_dropped_rows():
     inner = _zero_padded([6, 6])
     inner[0, 2] = 0
     assert torch.equal(compact_text(inner)[1][0, :6], torch.ones(6))
+
+
+def test_model_text_passes_the_counts_only_when_rows_were_dropped():
+    padded, full = _zero_padded([3, 10]), torch.randn(2, 32, 8)
+    short, extra = model_text(padded)
+    assert short.shape[1] == 16 and torch.equal(extra["txt_multiplicity"], compact_text(padded)[1])
+    for txt, compact in ((full, True), (padded, False)):
+        same, none = model_text(txt, compact)
+        assert same is txt and none == {}
 
 
 def test_compacted_text_gives_the_same_outputs_and_gradients():

@@ -259,7 +259,7 @@ def test_zero_padded_text_is_compacted_without_changing_the_sample():
     # The same Euler steps by hand on the full 32 rows.
     x = packing.pack(get_noise(b, h, w, seed=4, device="cpu", dtype=torch.float32))
     ids, full_txt = packing.make_ids(b, h, w), torch.cat([txt, neg[0].expand(b, -1, -1)])
-    for t_curr, t_prev in zip(times[:-1], times[1:]):
+    for t_curr, t_prev in zip(times[:-1], times[1:], strict=True):
         tt = torch.full((2 * b,), t_curr)
         gg = None if kw["guidance"] is None else torch.full((2 * b,), 2.5)
         with torch.no_grad():

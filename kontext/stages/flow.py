@@ -176,10 +176,7 @@ class FlowStage(L.LightningModule):
         guidance = None
         if self.params.guidance_embed:
             guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=x.dtype)
-        extra = {}
-        if self.compact_text:  # exact: the model's output and gradients do not change
-            txt, mult = packing.compact_text(txt)
-            extra = {} if mult is None else {"txt_multiplicity": mult}
+        txt, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
         pred = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x.device),
                           t.to(x.dtype), vec, guidance, **extra)
         loss = flow.flow_loss(packing.target_slice(pred, n_img), flow.velocity_target(tokens.img, noise))

@@ -118,8 +118,7 @@ class GuidanceDistillStage(FlowStage):
             teacher_g = torch.full((b,), self.teacher_guidance, device=x.device, dtype=x.dtype)
         target = distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
                                                  w, n_img, guidance=teacher_g)
-        short, mult = packing.compact_text(txt) if self.compact_text else (txt, None)  # exact: packing.compact_text
-        extra = {} if mult is None else {"txt_multiplicity": mult}
+        short, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
         pred = self.model(img, img_ids, short, txt_ids[:, : short.shape[1]], t, vec, guidance=w, **extra)
         return flow.flow_loss(packing.target_slice(pred, n_img), target)
 

@@ -191,8 +191,7 @@ class LADDStage(FlowStage):
         x_t = flow.interpolate(x0, noise, t)
         img, img_ids = tokens.joint(x_t)
         guidance = self._full(b, self.student_guidance, x0) if self.params.guidance_embed else None
-        txt, mult = packing.compact_text(txt)  # exact; see packing.compact_text
-        extra = {} if mult is None else {"txt_multiplicity": mult}
+        txt, extra = packing.model_text(txt)  # exact: same outputs and gradients
         v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x0.device), t, vec, guidance,
                        **extra)
         return distill.predict_x0(x_t, packing.target_slice(v, tokens.n_img), t)
@@ -204,9 +203,9 @@ class LADDStage(FlowStage):
         img, img_ids = tokens.joint(distill.renoise(x0, noise, t_hat))
         guidance = self._full(b, self.teacher_guidance, x0) if self.teacher.params.guidance_embed else None
         grid = (tokens.height // packing.PATCH, tokens.width // packing.PATCH)
-        txt, mult = packing.compact_text(txt)  # exact; see packing.compact_text
+        txt, extra = packing.model_text(txt)  # exact: same features
         return block_features(self.teacher, self.feature_blocks, grid, img, img_ids, txt,
-                              packing.txt_ids(b, txt.shape[1], device=x0.device), t_hat, vec, guidance, mult)
+                              packing.txt_ids(b, txt.shape[1], device=x0.device), t_hat, vec, guidance, **extra)
 
     def _t_hat(self, b: int, like: Tensor) -> Tensor:
         r = self.renoise_cfg
