@@ -199,12 +199,17 @@ def _tiny_flux():
     return model
 
 
+def _prompt(p, b: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (txt, vec) sized for the model params `p`, drawn from `g`."""
+    return torch.randn(b, length, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+
+
 def test_real_model_sampling_is_deterministic_for_a_seed():
     model = _tiny_flux()
     p = model.params
     b, h, w = 2, 8, 8
     g = torch.Generator().manual_seed(0)
-    txt, vec = torch.randn(b, 7, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+    txt, vec = _prompt(p, b, 7, g)
     ctx = [torch.randn(b, 16, h, w, generator=g)]
     kw = dict(height=h, width=w, steps=3, guidance=2.5 if p.guidance_embed else None)
     a = sample_latents(model, ctx, txt, vec, seed=11, **kw)
@@ -223,8 +228,8 @@ def test_real_model_batched_cfg_equals_separate_forwards():
     p = model.params
     b, h, w = 2, 4, 4
     g = torch.Generator().manual_seed(1)
-    txt, vec = torch.randn(b, 5, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
-    neg_same = (torch.randn(b, 5, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g))
+    txt, vec = _prompt(p, b, 5, g)
+    neg_same = _prompt(p, b, 5, g)
     # The 2B forward of both branches against two plain conditional runs combined by hand.
     kw = dict(height=h, width=w, seed=2, timesteps=[1.0, 0.0], guidance=2.5 if p.guidance_embed else None)
     guided = sample_latents(model, [], txt, vec, cfg_scale=3.0, uncond=neg_same, **kw)
@@ -241,7 +246,7 @@ def test_zero_padded_text_is_compacted_without_changing_the_sample():
     p = model.params
     b, h, w = 2, 4, 4
     g = torch.Generator().manual_seed(3)
-    txt, vec = torch.randn(b, 32, p.context_in_dim, generator=g), torch.randn(b, p.vec_in_dim, generator=g)
+    txt, vec = _prompt(p, b, 32, g)
     txt[0, 4:], txt[1, 9:] = 0, 0  # zero-padded prompts, as the embedded encoder gives them
     neg = (torch.cat([torch.randn(1, 2, p.context_in_dim, generator=g), torch.zeros(1, 30, p.context_in_dim)], 1),
            torch.randn(1, p.vec_in_dim, generator=g))
