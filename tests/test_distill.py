@@ -190,6 +190,46 @@ def test_distill_loss_regresses_onto_the_guided_teacher():
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
+    from kontext.sampling import denoise
+    from kontext.stages.guidance_distill import GuidanceDistillStage
+
+    teacher = random_flux(7, TINY_NO_GUIDANCE)
+    steps = 3
+    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), points="teacher",
+                                 trajectory_steps=steps, guidance_range=(4.0, 4.0))
+    stage.attach_teacher(teacher)
+    feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
+    batches = [{"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
+                "txt": feats.txt, "vec": feats.vec} for _ in range(steps)]
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for i in range(steps * steps):
+        losses.append(stage.path_loss(batches[i % steps], gen)[0])
+        if i < steps:  # slot i's first path starts at step i (slot 0 from noise), then takes one step
+            assert stage._paths[i].step == i + 1
+    assert all(loss.item() > 0 for loss in losses)  # w = 4: the fresh student (= conditional) misses
+    path = stage._paths[0]
+    assert path.done and path.step == steps
+    # Slot 0 took three guided Euler steps from its noise (the generator's first draw): exactly
+    # the teacher's CFG sampler.
+    tokens = packing.prepare(batches[0]["target_latent"], batches[0]["reference_latents"])
+    x0 = torch.randn(tokens.img.shape, generator=torch.Generator().manual_seed(0))
+    expected = denoise(teacher, x0, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt, packing.txt_ids(2, 32),
+                       feats.vec, flow.schedule(steps, tokens.n_img), cfg_scale=4.0, uncond=text_encoder().encode([""]))
+    torch.testing.assert_close(path.x, expected, rtol=1e-4, atol=1e-5)
+    # The next visit of slot 0 starts a new path from its batch.
+    stage.path_loss(batches[0], gen)
+    assert stage._paths[0].step == 1
+
+
+def test_guidance_distill_points_must_be_known():
+    from kontext.stages.guidance_distill import GuidanceDistillStage
+
+    with pytest.raises(KontextError, match="stage.points"):
+        GuidanceDistillStage(get_params("tiny"), teacher="unused", points="student")
+
+
 def test_guidance_embedder_learns_at_its_own_rate():
     import lightning as L
 
@@ -225,9 +265,10 @@ def test_guidance_distill_fast_dev_run(setting, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_guidance_distill_trains_and_exports_a_guidance_model(setting, tmp_path):
+@pytest.mark.parametrize("points", ["data", "teacher"])
+def test_guidance_distill_trains_and_exports_a_guidance_model(setting, tmp_path, points):
     cfg = compose_distill(setting, "embedded_guidance_distill", tmp_path / "run",
-                          ["trainer.max_steps=3", "stage.finish.benchmark.n_per_op=1", "stage.finish.sampler.steps=2",
+                          ["trainer.max_steps=3", f"stage.points={points}", "stage.finish.benchmark.n_per_op=1", "stage.finish.sampler.steps=2",
                            "stage.finish.sampler.guidance=2.5"])
     metrics = run(cfg)
     assert metrics["steps"] == 3

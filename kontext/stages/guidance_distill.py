@@ -5,15 +5,28 @@ A frozen teacher is evaluated with true CFG, ``v_u + w (v_c - v_u)`` against the
 at a guidance scale ``w ~ U[guidance_range]`` drawn per sample; the student, the teacher's
 architecture with a guidance embedding (added with a zero output when the teacher has none,
 see :mod:`kontext.stages.teacher`), gets ``w`` as its guidance input and regresses its
-velocity onto the teacher's (MSE over target tokens). Noisy inputs are the flow stage's:
-data latents at logit-normal times, with the batch's context tokens. The result is a
-``guidance_embed=True`` model that the sampler drives with ``guidance=w`` and ``cfg=1``.
+velocity onto the teacher's (MSE over target tokens). The result is a ``guidance_embed=True``
+model that the sampler drives with ``guidance=w`` and ``cfg=1``.
+
+Where the noisy inputs come from (``points``):
+- ``data``: the flow stage's, data latents noised at logit-normal times, with the batch's
+  context tokens;
+- ``teacher``: points on the teacher's own guided sampling paths, where the student will be
+  asked to follow it. Each path is a batch taken from noise through the sampler's schedule
+  (``trajectory_steps`` Euler steps of the teacher's guided velocity at the path's ``w``),
+  and each training step moves one path by one step, regressing the student at that point
+  onto the velocity that moves it. ``trajectory_steps`` paths are in flight at once, started
+  one step apart (the first of each at its step, from the data noised to that time), so
+  consecutive updates see different times. The guided velocity is needed for the target
+  anyway: following it costs no extra teacher evaluation. Paths are not checkpointed: a
+  resumed run starts new ones.
 
 Everything else (inputs, EMA, optimizer, benchmark, export) is the flow stage's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +39,22 @@ from kontext.stages.flow import FlowStage
 from kontext.stages.teacher import init_student, load_teacher
 
 
+@dataclass
+class _Path:
+    """One batch on its way along the teacher's guided sampling path."""
+    tokens: packing.KontextTokens  # the batch's target (replaced by `x`) and context tokens
+    txt: Tensor                    # (B, L_txt, D_txt)
+    vec: Tensor                    # (B, D_vec)
+    w: Tensor                      # (B,) guidance scale of this path
+    x: Tensor                      # (B, L_img, C) the current point, at times[step]
+    times: Tensor                  # (steps + 1,) from 1 to 0
+    step: int
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.times) - 1
+
+
 class GuidanceDistillStage(FlowStage):
     def __init__(
         self,
@@ -36,6 +65,8 @@ class GuidanceDistillStage(FlowStage):
         guidance_range: tuple[float, float] = (1.0, 4.0),
         teacher_guidance: float = 1.0,
         guidance_lr: float | None = None,
+        points: str = "data",
+        trajectory_steps: int = 20,
         optimizer: dict | None = None,
         ema_decay: float = 0.999,
         time_sampling: dict | None = None,
@@ -51,6 +82,13 @@ class GuidanceDistillStage(FlowStage):
         self.teacher_source = str(teacher)
         self.teacher_guidance = float(teacher_guidance)  # the input of a teacher that has a guidance embedding
         self.guidance_lr = None if guidance_lr is None else float(guidance_lr)
+        if points not in ("data", "teacher"):
+            raise KontextError(f"stage.points must be 'data' or 'teacher', got {points!r}")
+        if trajectory_steps < 1:
+            raise KontextError(f"stage.trajectory_steps must be at least 1, got {trajectory_steps}")
+        self.points, self.trajectory_steps = points, int(trajectory_steps)
+        self._paths: dict[int, _Path] = {}  # in-flight teacher paths by slot
+        self._path_calls = 0
         self._frozen["teacher"] = None
         self._uncond: tuple[Tensor, Tensor] | None = None
 
@@ -109,24 +147,68 @@ class GuidanceDistillStage(FlowStage):
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=generator, device=x.device).to(x.dtype)
         img, img_ids = tokens.joint(flow.interpolate(tokens.img, noise, t))
-        txt_ids = packing.txt_ids(b, txt.shape[1], device=x.device)
         if w is None:
             w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)
         w = w.to(x)
+        target, txt_ids = self._teacher_target(img, img_ids, txt, t, vec, w, n_img)
+        return self._student_loss(img, img_ids, txt, txt_ids, t, vec, w, n_img, target)
+
+    def _teacher_target(self, img: Tensor, img_ids: Tensor, txt: Tensor, t: Tensor, vec: Tensor, w: Tensor,
+                        n_img: int) -> tuple[Tensor, Tensor]:
+        """(the teacher's guided velocity on the target tokens, txt_ids) at the noisy input ``img``."""
+        b = img.shape[0]
+        txt_ids = packing.txt_ids(b, txt.shape[1], device=img.device)
         teacher_g = None
         if self.teacher.params.guidance_embed:
-            teacher_g = torch.full((b,), self.teacher_guidance, device=x.device, dtype=x.dtype)
+            teacher_g = torch.full((b,), self.teacher_guidance, device=img.device, dtype=img.dtype)
         target = distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
                                                  w, n_img, guidance=teacher_g)
+        return target, txt_ids
+
+    def _student_loss(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t: Tensor, vec: Tensor,
+                      w: Tensor, n_img: int, target: Tensor) -> Tensor:
         short, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
         pred = self.model(img, img_ids, short, txt_ids[:, : short.shape[1]], t, vec, guidance=w, **extra)
         return flow.flow_loss(packing.target_slice(pred, n_img), target)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def _new_path(self, batch: dict, start: int, generator: torch.Generator) -> _Path:
+        """A path for ``batch`` at step ``start`` of the schedule: from noise when ``start`` is 0,
+        else from the data latents noised to that step's time."""
         x, ctx, txt, vec = self.encode_batch(batch)
-        loss = self.distill_loss(x, ctx, txt, vec, generator=self.noise_generator(batch_idx, x.device))
-        self.last_batch_size = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        tokens = packing.prepare(x, ctx)
+        noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
+        times = flow.schedule(self.trajectory_steps, tokens.n_img).to(x.device)
+        w = distill.sample_guidance(x.shape[0], *self.guidance_range, generator=generator, device=x.device).to(x)
+        return _Path(tokens, txt, vec, w, flow.interpolate(tokens.img, noise, times[start].to(x)), times, start)
+
+    def path_loss(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, int]:
+        """(the student's loss at the next point of one in-flight teacher path, its batch size).
+        The path then moves one Euler step along the teacher's guided velocity."""
+        slot = self._path_calls % self.trajectory_steps
+        self._path_calls += 1
+        path = self._paths.get(slot)
+        if path is None or path.done:
+            first = path is None
+            path = self._paths[slot] = self._new_path(batch, slot if first else 0, generator)
+        b, n_img = path.x.shape[0], path.tokens.n_img
+        t_now, t_next = path.times[path.step], path.times[path.step + 1]
+        t = t_now.expand(b).to(path.x)
+        img, img_ids = path.tokens.joint(path.x)
+        target, txt_ids = self._teacher_target(img, img_ids, path.txt, t, path.vec, path.w, n_img)
+        loss = self._student_loss(img, img_ids, path.txt, txt_ids, t, path.vec, path.w, n_img, target)
+        path.x = path.x + (t_next - t_now).to(path.x) * target  # the teacher's guided Euler step
+        path.step += 1
+        return loss, b
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        generator = self.noise_generator(batch_idx, self.device)
+        if self.points == "teacher":
+            loss, b = self.path_loss(batch, generator)
+        else:
+            x, ctx, txt, vec = self.encode_batch(batch)
+            loss, b = self.distill_loss(x, ctx, txt, vec, generator=generator), x.shape[0]
+        self.last_batch_size = b
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
         if batch_idx % 10 == 0:
             self.loss_history.append((self.trainer.global_step, loss.detach().item()))
         return loss
