@@ -15,6 +15,7 @@ from tiny_kontext import random_flux, text_encoder
 
 from kontext import packing
 from kontext.discriminator import Discriminator, block_features, resolve_blocks
+from kontext.errors import KontextError
 from kontext.layers import timestep_embedding
 from kontext.model import TIME_EMBED_DIM, get_params
 from kontext.run import run
@@ -175,6 +176,26 @@ def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
     assert torch.equal(x0, tokens.img) and noise.shape == x0.shape
 
 
+def test_simulated_student_inputs_are_its_own_sampler_path():
+    from kontext.sampling import denoise
+
+    stage = _stage(student_inputs="simulate", student_guidance=2.0)
+    tokens, _, _, _, _, _, _ = _inputs(b=4, ctx_hw=(8, 8))
+    feats = text_encoder().encode(["remove the red circle", "add a blue square in the top left", "make it red",
+                                   "remove the square"])
+    noise = torch.randn_like(tokens.img)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    x_t = stage.simulate(noise, t, tokens, feats.txt, feats.vec)
+    assert torch.equal(x_t[0], noise[0])  # t = 1: the sampler's start
+    for i, times in [(1, [1.0, 0.75]), (2, [1.0, 0.75, 0.5]), (3, [1.0, 0.75, 0.5, 0.25])]:
+        expected = denoise(stage.model, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt,
+                           packing.txt_ids(4, 32), feats.vec, times, guidance=2.0)
+        torch.testing.assert_close(x_t[i], expected[i], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(x_t[3], torch.lerp(tokens.img, noise, 0.25)[3])  # not the data's point
+    with pytest.raises(KontextError, match="student_inputs"):
+        _stage(student_inputs="teacher")
+
+
 def test_update_cycle_and_sampler():
     stage = _stage(updates={"generator": 1, "discriminator": 2}, student_guidance=2.0,
                    finish={"sampler": {"timesteps": [1.0, 0.5, 0.0]}})
@@ -184,8 +205,6 @@ def test_update_cycle_and_sampler():
     stage._frozen["autoencoder"] = random_autoencoder()
     sampler = stage.pipeline().sampler
     assert sampler.timesteps == [1.0, 0.5, 0.0] and sampler.cfg == 1.0 and sampler.guidance == 2.0
-    from kontext.errors import KontextError
-
     with pytest.raises(KontextError, match="student timesteps"):
         _stage(finish={"sampler": {"timesteps": [1.0, 0.3, 0.0]}})
 
@@ -196,11 +215,11 @@ def setting(tmp_path_factory) -> dict:
     return shared_setting(tmp_path_factory)
 
 
-@pytest.mark.parametrize("reals", ["teacher", "data"])
-def test_ladd_fast_dev_run(setting, tmp_path, reals):
+@pytest.mark.parametrize(("reals", "inputs"), [("teacher", "data"), ("data", "data"), ("data", "simulate")])
+def test_ladd_fast_dev_run(setting, tmp_path, reals, inputs):
     run(compose_distill(setting, "embedded_ladd", tmp_path / "run",
                         ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2",
-                         "stage.distill_weight=0.5"]))
+                         "stage.distill_weight=0.5", f"stage.student_inputs={inputs}"]))
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 

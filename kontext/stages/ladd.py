@@ -8,8 +8,11 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
 - Clean samples x0 ("reals"): the frozen teacher's own samples for the batch's prompts and
   contexts, with true CFG (``reals.source: teacher``, the paper's synthetic data), or the
   dataset's target latents (``reals.source: data``).
-- Student: x_t = (1 - t) x0 + t eps at a student time t from a small set (t = 1 is pure
-  noise), with the context tokens; ``x0_hat = x_t - t v``.
+- Student: at a student time t from a small set (t = 1 is pure noise), with the context
+  tokens, ``x0_hat = x_t - t v``. Its input x_t is x0 noised to t, ``(1 - t) x0 + t eps``
+  (``student_inputs: data``), or the point its own few-step sampler reaches at t from eps
+  (``student_inputs: simulate``: Euler steps through the student times above t, without
+  gradients; DMD2's "backward simulation"), so that training sees what sampling feeds it.
 - Discriminator (:mod:`kontext.discriminator`): fakes ``x0_hat`` and reals x0 are re-noised to
   ``t_hat`` from a logit-normal; the frozen teacher runs on [re-noised target | context] with
   the batch's text, and heads on the target tokens of several blocks, conditioned on t_hat and
@@ -54,6 +57,7 @@ class LADDStage(FlowStage):
         student_guidance: float = 1.0,
         student_timesteps: list[float] = (1.0, 0.75, 0.5, 0.25),
         student_timestep_probs: list[float] | None = None,
+        student_inputs: str = "data",
         reals: dict | None = None,
         renoise: dict | None = None,
         discriminator: dict | None = None,
@@ -76,6 +80,9 @@ class LADDStage(FlowStage):
         self.teacher_guidance, self.student_guidance = float(teacher_guidance), float(student_guidance)
         self.student_timesteps = [float(t) for t in student_timesteps]
         self.student_probs = None if student_timestep_probs is None else [float(p) for p in student_timestep_probs]
+        if student_inputs not in ("data", "simulate"):
+            raise KontextError(f"student_inputs must be data or simulate, got {student_inputs!r}")
+        self.student_inputs = student_inputs
         self.sample_times = self._sample_times((finish or {}).get("sampler", {}).get("timesteps"))
         self.reals_cfg = {"source": "teacher", "steps": 20, "cfg": 3.0, **(reals or {})}
         if self.reals_cfg["source"] not in ("teacher", "data"):
@@ -182,19 +189,41 @@ class LADDStage(FlowStage):
                      cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
         return x0, noise
 
+    def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+        """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,)."""
+        b = x_t.shape[0]
+        img, img_ids = tokens.joint(x_t)
+        guidance = self._full(b, self.student_guidance, x_t) if self.params.guidance_embed else None
+        txt, extra = packing.model_text(txt)  # exact: same outputs and gradients
+        v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x_t.device), t, vec, guidance,
+                       **extra)
+        return packing.target_slice(v, tokens.n_img)
+
+    @torch.no_grad()
+    def simulate(self, noise: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+        """x_t (B, L_img, C) where the student's own sampler, started from ``noise`` at the first
+        student time, is at each sample's time t (B,): Euler steps through the student times."""
+        times = sorted(set(self.student_timesteps), reverse=True)
+        x, x_t = noise, noise.clone()
+        for now, after in zip(times, times[1:]):
+            if not (t < now).any():
+                break
+            x = x + (after - now) * self._student_v(x, self._full(x.shape[0], now, x), tokens, txt, vec)
+            x_t = torch.where((t == after).view(-1, 1, 1), x, x_t)
+        return x_t
+
     def student_x0(self, x0: Tensor, noise: Tensor, tokens: packing.KontextTokens, txt: Tensor,
                    vec: Tensor) -> Tensor:
-        """The student's one-step prediction x0_hat (B, L_img, C) from x0 noised at a student time."""
+        """The student's one-step prediction x0_hat (B, L_img, C) at a student time, from x0
+        noised to it or from its own sampler's point there (``student_inputs``)."""
         b = x0.shape[0]
         t = distill.sample_student_t(b, self.student_timesteps, self.student_probs, generator=self._gen,
                                      device=x0.device).to(x0.dtype)
-        x_t = flow.interpolate(x0, noise, t)
-        img, img_ids = tokens.joint(x_t)
-        guidance = self._full(b, self.student_guidance, x0) if self.params.guidance_embed else None
-        txt, extra = packing.model_text(txt)  # exact: same outputs and gradients
-        v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x0.device), t, vec, guidance,
-                       **extra)
-        return distill.predict_x0(x_t, packing.target_slice(v, tokens.n_img), t)
+        if self.student_inputs == "simulate":
+            x_t = self.simulate(noise, t, tokens, txt, vec)
+        else:
+            x_t = flow.interpolate(x0, noise, t)
+        return distill.predict_x0(x_t, self._student_v(x_t, t, tokens, txt, vec), t)
 
     def features(self, x0: Tensor, t_hat: Tensor, noise: Tensor, tokens: packing.KontextTokens,
                  txt: Tensor, vec: Tensor) -> list[Tensor]:
