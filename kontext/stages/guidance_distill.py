@@ -47,7 +47,7 @@ class _Path:
     vec: Tensor                    # (B, D_vec)
     w: Tensor                      # (B,) guidance scale of this path
     x: Tensor                      # (B, L_img, C) the current point, at times[step]
-    times: Tensor                  # (steps + 1,) from 1 to 0
+    times: list[float]             # steps + 1 times, from 1 to 0
     step: int
 
     @property
@@ -177,9 +177,9 @@ class GuidanceDistillStage(FlowStage):
         x, ctx, txt, vec = self.encode_batch(batch)
         tokens = packing.prepare(x, ctx)
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
-        times = flow.schedule(self.trajectory_steps, tokens.n_img).to(x.device)
+        times = flow.schedule(self.trajectory_steps, tokens.n_img).tolist()
         w = distill.sample_guidance(x.shape[0], *self.guidance_range, generator=generator, device=x.device).to(x)
-        return _Path(tokens, txt, vec, w, flow.interpolate(tokens.img, noise, times[start].to(x)), times, start)
+        return _Path(tokens, txt, vec, w, flow.interpolate(tokens.img, noise, times[start]), times, start)
 
     def path_loss(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, int]:
         """(the student's loss at the next point of one in-flight teacher path, its batch size).
@@ -192,11 +192,11 @@ class GuidanceDistillStage(FlowStage):
             path = self._paths[slot] = self._new_path(batch, slot if first else 0, generator)
         b, n_img = path.x.shape[0], path.tokens.n_img
         t_now, t_next = path.times[path.step], path.times[path.step + 1]
-        t = t_now.expand(b).to(path.x)
+        t = torch.full((b,), t_now, device=path.x.device, dtype=path.x.dtype)
         img, img_ids = path.tokens.joint(path.x)
         target, txt_ids = self._teacher_target(img, img_ids, path.txt, t, path.vec, path.w, n_img)
         loss = self._student_loss(img, img_ids, path.txt, txt_ids, t, path.vec, path.w, n_img, target)
-        path.x = path.x + (t_next - t_now).to(path.x) * target  # the teacher's guided Euler step
+        path.x = path.x + (t_next - t_now) * target  # the teacher's guided Euler step
         path.step += 1
         return loss, b
 
