@@ -146,6 +146,16 @@ def test_generator_update_trains_the_student_through_the_frozen_teacher():
     assert stage.loss_history and stage.trainer.global_step == 1
 
 
+@pytest.mark.parametrize("adversarial_weight", [1.0, 0.5, 0.0])
+def test_generator_loss_weighs_adversarial_and_regression_terms(adversarial_weight):
+    stage = _stage(reals={"source": "data"}, distill_weight=3.0, adversarial_weight=adversarial_weight)
+    _fit(stage, 1)
+    m = stage.trainer.callback_metrics
+    expected = adversarial_weight * m["train/g_adv"] + 3.0 * m["train/g_distill"]
+    torch.testing.assert_close(m["train/g_loss"], expected)
+    assert m["train/g_adv"].abs() > 0 and m["train/g_distill"] > 0
+
+
 def test_discriminator_update_trains_the_heads_only():
     stage = _stage(updates={"generator": 0, "discriminator": 1}, r1_weight=0.1, reals={"source": "data"})
     before = {"teacher": _snapshot(stage.teacher), "student": _snapshot(stage.model),

@@ -64,6 +64,7 @@ class LADDStage(FlowStage):
         loss: str = "hinge",
         r1_weight: float = 0.0,
         distill_weight: float = 0.0,
+        adversarial_weight: float = 1.0,
         updates: dict | None = None,
         optimizer: dict | None = None,
         discriminator_optimizer: dict | None = None,
@@ -91,6 +92,7 @@ class LADDStage(FlowStage):
         self.d_loss_fn, self.g_loss_fn = distill.gan_losses(loss)
         self.r1_weight = float(r1_weight)
         self.distill_weight = float(distill_weight)
+        self.adversarial_weight = float(adversarial_weight)
         self.cycle = {"generator": 1, "discriminator": 1, **(updates or {})}
         if min(self.cycle.values()) < 0 or sum(self.cycle.values()) < 1:
             raise KontextError(f"updates must be non-negative counts with a positive sum, got {self.cycle}")
@@ -266,7 +268,7 @@ class LADDStage(FlowStage):
         fake = self.discriminator(self.features(x0_hat, t_hat, self._randn(x0), tokens, txt, vec), t_hat, vec)
         adversarial = self.g_loss_fn(fake)
         out = {"g_adv": adversarial.detach(), "d_fake_g": fake.detach().mean()}
-        loss = adversarial
+        loss = self.adversarial_weight * adversarial
         if self.distill_weight > 0:
             regression = flow.flow_loss(x0_hat, x0)
             loss = loss + self.distill_weight * regression
