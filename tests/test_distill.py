@@ -200,27 +200,43 @@ def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
                                  trajectory_steps=steps, guidance_range=(4.0, 4.0))
     stage.attach_teacher(teacher)
     feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
+    # A different batch at every call: a path must keep the batch it started with.
     batches = [{"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
-                "txt": feats.txt, "vec": feats.vec} for _ in range(steps)]
+                "txt": feats.txt, "vec": feats.vec} for _ in range(steps * steps + 1)]
     gen = torch.Generator().manual_seed(0)
-    losses = []
     for i in range(steps * steps):
-        losses.append(stage.path_loss(batches[i % steps], gen)[0])
+        if i == steps:  # slot 0's second visit: its loss is taken at the point before the step
+            path = stage._paths[0]
+            x, t = path.x.clone(), torch.full((2,), path.times[1])
+            img, ids = path.tokens.joint(x)
+            empty = text_encoder().encode([""])
+            target = distill.teacher_guided_velocity(teacher, img, ids, feats.txt, packing.txt_ids(2, 32), t,
+                                                     feats.vec, (empty.txt, empty.vec), 4.0, path.tokens.n_img)
+            with torch.no_grad():
+                pred = stage.model(img, ids, feats.txt, packing.txt_ids(2, 32), t, feats.vec, torch.full((2,), 4.0))
+            expected_loss = flow.flow_loss(pred[:, : path.tokens.n_img], target)
+            loss = stage.path_loss(batches[i], gen)[0]
+            torch.testing.assert_close(loss.detach(), expected_loss, rtol=1e-4, atol=1e-7)
+            assert loss.item() > 0  # w = 4: the fresh student (= conditional) misses
+            continue
+        stage.path_loss(batches[i], gen)
         if i < steps:  # slot i's first path starts at step i (slot 0 from noise), then takes one step
             assert stage._paths[i].step == i + 1
-    assert all(loss.item() > 0 for loss in losses)  # w = 4: the fresh student (= conditional) misses
     path = stage._paths[0]
     assert path.done and path.step == steps
-    # Slot 0 took three guided Euler steps from its noise (the generator's first draw): exactly
-    # the teacher's CFG sampler.
+    # Slot 0 took three guided Euler steps from its noise (the generator's first draw), on its
+    # own batch: exactly the teacher's CFG sampler.
     tokens = packing.prepare(batches[0]["target_latent"], batches[0]["reference_latents"])
     x0 = torch.randn(tokens.img.shape, generator=torch.Generator().manual_seed(0))
     expected = denoise(teacher, x0, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt, packing.txt_ids(2, 32),
-                       feats.vec, flow.schedule(steps, tokens.n_img), cfg_scale=4.0, uncond=text_encoder().encode([""]))
+                       feats.vec, flow.schedule(steps, tokens.n_img), cfg_scale=4.0,
+                       uncond=text_encoder().encode([""]))
     torch.testing.assert_close(path.x, expected, rtol=1e-4, atol=1e-5)
-    # The next visit of slot 0 starts a new path from its batch.
-    stage.path_loss(batches[0], gen)
+    # The next visit of slot 0 starts a new path, from noise, on the batch it is given.
+    stage.path_loss(batches[-1], gen)
     assert stage._paths[0].step == 1
+    assert torch.equal(stage._paths[0].tokens.ctx, packing.prepare(batches[-1]["target_latent"],
+                                                                   batches[-1]["reference_latents"]).ctx)
 
 
 def test_guidance_distill_points_must_be_known():
@@ -228,6 +244,8 @@ def test_guidance_distill_points_must_be_known():
 
     with pytest.raises(KontextError, match="stage.points"):
         GuidanceDistillStage(get_params("tiny"), teacher="unused", points="student")
+    with pytest.raises(KontextError, match="trajectory_steps"):
+        GuidanceDistillStage(get_params("tiny"), teacher="unused", points="teacher", trajectory_steps=0)
 
 
 def test_guidance_embedder_learns_at_its_own_rate():
@@ -268,8 +286,8 @@ def test_guidance_distill_fast_dev_run(setting, tmp_path):
 @pytest.mark.parametrize("points", ["data", "teacher"])
 def test_guidance_distill_trains_and_exports_a_guidance_model(setting, tmp_path, points):
     cfg = compose_distill(setting, "embedded_guidance_distill", tmp_path / "run",
-                          ["trainer.max_steps=3", f"stage.points={points}", "stage.finish.benchmark.n_per_op=1", "stage.finish.sampler.steps=2",
-                           "stage.finish.sampler.guidance=2.5"])
+                          ["trainer.max_steps=3", f"stage.points={points}", "stage.finish.benchmark.n_per_op=1",
+                           "stage.finish.sampler.steps=2", "stage.finish.sampler.guidance=2.5"])
     metrics = run(cfg)
     assert metrics["steps"] == 3
     export = tmp_path / "run" / "export"

@@ -202,6 +202,11 @@ def test_simulated_student_inputs_are_its_own_sampler_path():
                            packing.txt_ids(4, 32), feats.vec, times, guidance=2.0)
         torch.testing.assert_close(x_t[i], expected[i], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(x_t[3], torch.lerp(tokens.img, noise, 0.25)[3])  # not the data's point
+    # A batch all at t = 1 stays at its noise.
+    assert torch.equal(stage.simulate(noise, torch.ones(4), tokens, feats.txt, feats.vec), noise)
+
+
+def test_unknown_student_inputs_are_refused():
     with pytest.raises(KontextError, match="student_inputs"):
         _stage(student_inputs="teacher")
 

@@ -18,10 +18,12 @@ Where the noisy inputs come from (``points``):
   onto the velocity that moves it. ``trajectory_steps`` paths are in flight at once, started
   one step apart (the first of each at its step, from the data noised to that time), so
   consecutive updates see different times. The guided velocity is needed for the target
-  anyway: following it costs no extra teacher evaluation. Paths are not checkpointed: a
-  resumed run starts new ones.
+  anyway: following it costs no extra teacher evaluation. A loader batch is used only when a
+  path starts (one batch in ``trajectory_steps``; the rest are skipped), so a run sees that
+  many fewer distinct samples. Paths are not checkpointed: a resumed run starts new ones,
+  staggered again, and so does not repeat the interrupted run bit for bit.
 
-Everything else (inputs, EMA, optimizer, benchmark, export) is the flow stage's.
+Everything else (EMA, optimizer, benchmark, export) is the flow stage's.
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ class GuidanceDistillStage(FlowStage):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.to(dtype=next(self.model.parameters()).dtype)
+        self._paths, self._path_calls = {}, 0
+
+    def on_train_end(self) -> None:
+        self._paths.clear()  # free the in-flight batches before the benchmark and export
 
     def param_groups(self) -> list[dict]:
         """The flow stage's groups; with `guidance_lr`, the guidance embedder (new, starting at a

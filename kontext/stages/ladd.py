@@ -10,9 +10,10 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
   dataset's target latents (``reals.source: data``).
 - Student: at a student time t from a small set (t = 1 is pure noise), with the context
   tokens, ``x0_hat = x_t - t v``. Its input x_t is x0 noised to t, ``(1 - t) x0 + t eps``
-  (``student_inputs: data``), or the point its own few-step sampler reaches at t from eps
-  (``student_inputs: simulate``: Euler steps through the student times above t, without
-  gradients; DMD2's "backward simulation"), so that training sees what sampling feeds it.
+  (``student_inputs: data``), or the point its own sampler over all the student times (the
+  4-step one by default) reaches at t from eps (``student_inputs: simulate``: Euler steps
+  without gradients; DMD2's "backward simulation"), so that training sees what sampling feeds
+  it. Samplers on a subset of the times (1 or 2 steps) reach their points by other paths.
 - Discriminator (:mod:`kontext.discriminator`): fakes ``x0_hat`` and reals x0 are re-noised to
   ``t_hat`` from a logit-normal; the frozen teacher runs on [re-noised target | context] with
   the batch's text, and heads on the target tokens of several blocks, conditioned on t_hat and
@@ -21,7 +22,9 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
 - G update: the generator loss backpropagates through the frozen teacher into the student;
   the teacher's weights never change (none of them requires grad). Optionally
   (``distill_weight`` > 0) a regression of x0_hat onto x0 anchors the student, as ADD's
-  distillation term does (LADD on synthetic data uses none).
+  distillation term does (LADD on synthetic data uses none); ``adversarial_weight`` scales the
+  adversarial term (0 is a regression-only ablation, which still computes it and still runs
+  the discriminator's updates).
 
 The student starts from the teacher, or from another model of the same architecture (e.g. the
 guidance-distilled one, whose guidance input is then held at ``student_guidance``). It is
@@ -82,7 +85,7 @@ class LADDStage(FlowStage):
         self.student_timesteps = [float(t) for t in student_timesteps]
         self.student_probs = None if student_timestep_probs is None else [float(p) for p in student_timestep_probs]
         if student_inputs not in ("data", "simulate"):
-            raise KontextError(f"student_inputs must be data or simulate, got {student_inputs!r}")
+            raise KontextError(f"stage.student_inputs must be 'data' or 'simulate', got {student_inputs!r}")
         self.student_inputs = student_inputs
         self.sample_times = self._sample_times((finish or {}).get("sampler", {}).get("timesteps"))
         self.reals_cfg = {"source": "teacher", "steps": 20, "cfg": 3.0, **(reals or {})}
@@ -177,8 +180,8 @@ class LADDStage(FlowStage):
         """(x0, noise), both (B, L_img, C): the teacher's CFG samples and the noise each one was
         sampled from, or the data's latents and fresh noise. The student's inputs are built from
         this pair, so with teacher reals they lie on the line from the teacher's noise to its
-        sample (the rectified-flow "reflow" coupling), which makes ``distill_weight``'s
-        regression target well defined."""
+        sample (the rectified-flow "reflow" coupling) with ``student_inputs: data``, which makes
+        ``distill_weight``'s regression target well defined."""
         noise = self._randn(tokens.img)
         if self.reals_cfg["source"] == "data":
             return tokens.img, noise
@@ -203,13 +206,13 @@ class LADDStage(FlowStage):
 
     @torch.no_grad()
     def simulate(self, noise: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
-        """x_t (B, L_img, C) where the student's own sampler, started from ``noise`` at the first
-        student time, is at each sample's time t (B,): Euler steps through the student times."""
+        """x_t (B, L_img, C) where the student's sampler over all its times (the 4-step one by
+        default), started from ``noise`` at the first, is at each sample's time t (B,): Euler
+        steps through the student times. Every batch takes all the steps, so that data-parallel
+        ranks run the same forwards whatever their times."""
         times = sorted(set(self.student_timesteps), reverse=True)
         x, x_t = noise, noise.clone()
         for now, after in zip(times, times[1:]):
-            if not (t < now).any():
-                break
             x = x + (after - now) * self._student_v(x, self._full(x.shape[0], now, x), tokens, txt, vec)
             x_t = torch.where((t == after).view(-1, 1, 1), x, x_t)
         return x_t
