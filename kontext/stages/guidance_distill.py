@@ -64,7 +64,7 @@ class GuidanceDistillStage(FlowStage):
         teacher: str,
         autoencoder: Any = None,
         text: Any = None,
-        guidance_range: tuple[float, float] = (1.0, 4.0),
+        guidance_range: tuple[float, float] = (1.0, 5.0),
         teacher_guidance: float = 1.0,
         guidance_lr: float | None = None,
         points: str = "data",
