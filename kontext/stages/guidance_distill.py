@@ -156,25 +156,26 @@ class GuidanceDistillStage(FlowStage):
         if w is None:
             w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)
         w = w.to(x)
-        target, txt_ids = self._teacher_target(img, img_ids, txt, t, vec, w, n_img)
-        return self._student_loss(img, img_ids, txt, txt_ids, t, vec, w, n_img, target)
+        target = self._teacher_target(img, img_ids, txt, t, vec, w, n_img)
+        return self._student_loss(img, img_ids, txt, t, vec, w, n_img, target)
 
     def _teacher_target(self, img: Tensor, img_ids: Tensor, txt: Tensor, t: Tensor, vec: Tensor, w: Tensor,
-                        n_img: int) -> tuple[Tensor, Tensor]:
-        """(the teacher's guided velocity on the target tokens, txt_ids) at the noisy input ``img``."""
+                        n_img: int) -> Tensor:
+        """The teacher's guided velocity on the target tokens (B, L_img, C) at the noisy input ``img``."""
         b = img.shape[0]
         txt_ids = packing.txt_ids(b, txt.shape[1], device=img.device)
         teacher_g = None
         if self.teacher.params.guidance_embed:
             teacher_g = torch.full((b,), self.teacher_guidance, device=img.device, dtype=img.dtype)
-        target = distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
-                                                 w, n_img, guidance=teacher_g)
-        return target, txt_ids
+        return distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
+                                               w, n_img, guidance=teacher_g)
 
-    def _student_loss(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, t: Tensor, vec: Tensor,
-                      w: Tensor, n_img: int, target: Tensor) -> Tensor:
+    def _student_loss(self, img: Tensor, img_ids: Tensor, txt: Tensor, t: Tensor, vec: Tensor, w: Tensor,
+                      n_img: int, target: Tensor) -> Tensor:
+        """MSE of the student's velocity at guidance ``w`` on the target tokens against ``target``."""
         short, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
-        pred = self.model(img, img_ids, short, txt_ids[:, : short.shape[1]], t, vec, guidance=w, **extra)
+        txt_ids = packing.txt_ids(img.shape[0], short.shape[1], device=img.device)
+        pred = self.model(img, img_ids, short, txt_ids, t, vec, guidance=w, **extra)
         return flow.flow_loss(packing.target_slice(pred, n_img), target)
 
     def _new_path(self, batch: dict, start: int, generator: torch.Generator) -> _Path:
@@ -200,8 +201,8 @@ class GuidanceDistillStage(FlowStage):
         t_now, t_next = path.times[path.step], path.times[path.step + 1]
         t = torch.full((b,), t_now, device=path.x.device, dtype=path.x.dtype)
         img, img_ids = path.tokens.joint(path.x)
-        target, txt_ids = self._teacher_target(img, img_ids, path.txt, t, path.vec, path.w, n_img)
-        loss = self._student_loss(img, img_ids, path.txt, txt_ids, t, path.vec, path.w, n_img, target)
+        target = self._teacher_target(img, img_ids, path.txt, t, path.vec, path.w, n_img)
+        loss = self._student_loss(img, img_ids, path.txt, t, path.vec, path.w, n_img, target)
         path.x = path.x + (t_next - t_now) * target  # the teacher's guided Euler step
         path.step += 1
         return loss, b

@@ -194,12 +194,14 @@ class LADDStage(FlowStage):
                      cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
         return x0, noise
 
-    def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
-        """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,)."""
+    def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, text: tuple[Tensor, dict],
+                   vec: Tensor) -> Tensor:
+        """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,);
+        ``text`` is ``packing.model_text``'s (rows, extra arguments), computed once by the caller."""
         b = x_t.shape[0]
         img, img_ids = tokens.joint(x_t)
         guidance = self._full(b, self.student_guidance, x_t) if self.params.guidance_embed else None
-        txt, extra = packing.model_text(txt)  # exact: same outputs and gradients
+        txt, extra = text
         v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x_t.device), t, vec, guidance,
                        **extra)
         return packing.target_slice(v, tokens.n_img)
@@ -211,9 +213,10 @@ class LADDStage(FlowStage):
         steps through the student times. Every batch takes all the steps, so that data-parallel
         ranks run the same forwards whatever their times."""
         times = sorted(set(self.student_timesteps), reverse=True)
+        text = packing.model_text(txt)  # exact: same outputs
         x, x_t = noise, noise.clone()
         for now, after in zip(times, times[1:]):
-            x = x + (after - now) * self._student_v(x, self._full(x.shape[0], now, x), tokens, txt, vec)
+            x = x + (after - now) * self._student_v(x, self._full(x.shape[0], now, x), tokens, text, vec)
             x_t = torch.where((t == after).view(-1, 1, 1), x, x_t)
         return x_t
 
@@ -228,7 +231,8 @@ class LADDStage(FlowStage):
             x_t = self.simulate(noise, t, tokens, txt, vec)
         else:
             x_t = flow.interpolate(x0, noise, t)
-        return distill.predict_x0(x_t, self._student_v(x_t, t, tokens, txt, vec), t)
+        text = packing.model_text(txt)  # exact: same outputs and gradients
+        return distill.predict_x0(x_t, self._student_v(x_t, t, tokens, text, vec), t)
 
     def features(self, x0: Tensor, t_hat: Tensor, noise: Tensor, tokens: packing.KontextTokens,
                  txt: Tensor, vec: Tensor) -> list[Tensor]:
