@@ -39,7 +39,7 @@ def _gelu_mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 class EmbedND(nn.Module):
-    """Rotations for ids (B, L, n_axes) -> (B, 1, L, sum(axes_dim)/2, 2, 2), axis 0 first."""
+    """Rotations for ids (B, L, n_axes) -> (B, 1, L, sum(axes_dim)/2) complex, axis 0 first."""
 
     def __init__(self, dim: int, theta: int, axes_dim: list[int]):
         super().__init__()
@@ -48,9 +48,7 @@ class EmbedND(nn.Module):
         self.axes_dim = list(axes_dim)
 
     def forward(self, ids: Tensor) -> Tensor:
-        emb = torch.cat(
-            [rope(ids[..., i], self.axes_dim[i], self.theta) for i in range(ids.shape[-1])], dim=-3
-        )
+        emb = torch.cat([rope(ids[..., i], self.axes_dim[i], self.theta) for i in range(ids.shape[-1])], dim=-1)
         return emb.unsqueeze(1)
 
 
@@ -139,8 +137,12 @@ class ModulationOut:
     gate: Tensor   # (B, 1, dim)
 
     def modulate(self, x: Tensor) -> Tensor:
-        """(1 + scale) * x + shift, the adaLN input of a sub-block."""
-        return (1 + self.scale) * x + self.shift
+        """(1 + scale) * x + shift, the adaLN input of a sub-block (one fused pass)."""
+        return torch.addcmul(self.shift, 1 + self.scale, x)
+
+    def gated(self, residual: Tensor, x: Tensor) -> Tensor:
+        """residual + gate * x, the gated residual of a sub-block (one fused pass)."""
+        return torch.addcmul(residual, self.gate, x)
 
 
 class Modulation(nn.Module):
@@ -180,7 +182,7 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
                 key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # img: (B, L_img, D), txt: (B, L_txt, D), vec: (B, D), pe: (B, 1, L_txt + L_img, D_head/2, 2, 2),
+        # img: (B, L_img, D), txt: (B, L_txt, D), vec: (B, D), pe: (B, 1, L_txt + L_img, D_head/2) complex,
         # key_bias: None or (B, L_txt + L_img), see `attention`
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
@@ -193,13 +195,13 @@ class DoubleStreamBlock(nn.Module):
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
         attn = attention(q, k, v, pe=pe, key_bias=key_bias)  # (B, L_txt + L_img, D)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
+        img = img_mod1.gated(img, self.img_attn.proj(img_attn))
+        img = img_mod2.gated(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
 
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
+        txt = txt_mod1.gated(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mod2.gated(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
         return img, txt
 
 
@@ -227,7 +229,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, SPLIT_QKV, K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe, key_bias=key_bias)  # (B, L, D)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        return mod.gated(x, self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
 
 
 class LastLayer(nn.Module):

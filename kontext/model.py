@@ -183,7 +183,7 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
 
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, L_txt + L_img, D_head/2, 2, 2)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # (B, 1, L_txt + L_img, D_head/2) complex
         key_bias = None  # see packing.compact_text: the log of each text row's multiplicity
         if txt_multiplicity is not None:
             if txt_multiplicity.shape != txt.shape[:2]:

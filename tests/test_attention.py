@@ -35,21 +35,21 @@ def _ids(b, n):
     return torch.randint(0, 20, (b, n, 3)).float()
 
 
-def test_rope_shape_and_rotation_blocks():
+def test_rope_shape_and_rotation_angles():
     pos = torch.tensor([[0.0, 3.0]])
     r = rope(pos, 4, THETA)
-    assert r.shape == (1, 2, 2, 2, 2) and r.dtype == torch.float32
-    torch.testing.assert_close(r[0, 0], torch.eye(2).expand(2, 2, 2))
+    assert r.shape == (1, 2, 2) and r.dtype == torch.complex64
+    torch.testing.assert_close(r[0, 0], torch.ones(2, dtype=torch.complex64))  # position 0: no turn
     angle = 3.0 * THETA ** (-2 / 4)
-    want = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    torch.testing.assert_close(r[0, 1, 1], want)
+    # Frequency 1 at position 3 is the reference's block [[cos, -sin], [sin, cos]] of that angle.
+    torch.testing.assert_close(r[0, 1, 1], torch.tensor(complex(math.cos(angle), math.sin(angle)), dtype=torch.complex64))
 
 
 def test_apply_rope_rotates_interleaved_pairs():
     b, h, n, d = 2, 3, 5, sum(AXES)
     ids = _ids(b, n)
     pe = EmbedND(d, THETA, AXES)(ids)
-    assert pe.shape == (b, 1, n, d // 2, 2, 2)
+    assert pe.shape == (b, 1, n, d // 2)
     q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
     q_rot, k_rot = apply_rope(q, k, pe)
     torch.testing.assert_close(q_rot, _complex_rope(q, ids), atol=1e-5, rtol=1e-5)
