@@ -54,7 +54,7 @@ def txt_ids(
     return torch.zeros(b, length, 3, device=device, dtype=dtype)
 
 
-def compact_text(txt: Tensor, multiple: int = 16) -> tuple[Tensor, Tensor | None]:
+def compact_text(txt: Tensor, multiple: int = 1) -> tuple[Tensor, Tensor | None]:
     """Drop most trailing all-zero rows of `txt` (B, L, D) without changing the model's output.
 
     Zero rows are identical tokens all the way through the network: the same input row
@@ -67,8 +67,9 @@ def compact_text(txt: Tensor, multiple: int = 16) -> tuple[Tensor, Tensor | None
     edits are <= 10 of 32 rows); encoders whose padding is not zero (T5) are returned as given.
 
     m is the batch's longest prompt plus one zero row, rounded up to a multiple of `multiple`
-    (few distinct shapes, so compiled blocks rarely recompile). Returns (txt[:, :m], the
-    (B, m) multiplicities), or (txt, None) when nothing would be dropped.
+    (a larger multiple gives fewer distinct shapes to a compiled model; eagerly every row
+    costs). Returns (txt[:, :m], the (B, m) multiplicities), or (txt, None) when nothing would
+    be dropped.
     """
     b, length = txt.shape[:2]
     rows = torch.arange(1, length + 1, device=txt.device)
@@ -144,3 +145,23 @@ def prepare(target: Tensor, contexts: Sequence[Tensor] = ()) -> KontextTokens:
 def target_slice(pred: Tensor, n_img: int) -> Tensor:
     """The target part (B, n_img, C) of a prediction over [target | contexts] (B, L, C)."""
     return pred[:, :n_img]
+
+
+def predict(model, tokens: KontextTokens, img: Tensor, t: Tensor, txt: Tensor, vec: Tensor,
+            guidance: Tensor | float | None = None, compact: bool = True) -> Tensor:
+    """The model's prediction for the target tokens only: the one call of the transformer on
+    Kontext tokens, shared by training, sampling and distillation.
+
+    img: (B, L_img, C) the current target tokens (e.g. z_t), joined with `tokens`' context
+    tokens and ids; t: (B,) flow times; txt, vec: (B, L_txt, D_txt), (B, D_vec), the text
+    compacted when `compact` (exact, see `compact_text`); guidance: the guidance-embedding
+    input, a (B,) tensor or one value for the batch (None for models without one).
+    Returns (B, L_img, C): the target slice of the prediction.
+    """
+    joint, ids = tokens.joint(img)
+    txt, extra = model_text(txt, compact)
+    b = joint.shape[0]
+    if guidance is not None and not isinstance(guidance, Tensor):
+        guidance = torch.full((b,), float(guidance), device=joint.device, dtype=joint.dtype)
+    pred = model(joint, ids, txt, txt_ids(b, txt.shape[1], device=joint.device), t, vec, guidance, **extra)
+    return target_slice(pred, tokens.n_img)  # (B, L_img, C)

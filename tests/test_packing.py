@@ -104,14 +104,17 @@ def _zero_padded(lengths: list[int], length: int = 32, dim: int = 384) -> torch.
 def test_compact_text_keeps_the_prompts_and_counts_the_dropped_rows():
     txt = _zero_padded([3, 10, 7, 2])
     short, mult = compact_text(txt)
-    assert short.shape == (4, 16, 384) and torch.equal(short, txt[:, :16])  # longest 10 + 1, to 16
-    assert torch.equal(mult[1, :10], torch.ones(10)) and torch.allclose(mult[1, 10:], torch.full((6,), 22 / 6))
-    assert torch.allclose(mult[0, 3:], torch.full((13,), 29 / 13))
+    assert short.shape == (4, 11, 384) and torch.equal(short, txt[:, :11])  # longest 10 + one zero row
+    assert torch.equal(mult[1, :10], torch.ones(10)) and torch.allclose(mult[1, 10:], torch.full((1,), 22.0))
+    assert torch.allclose(mult[0, 3:], torch.full((8,), 29 / 8))
     # Each sample's kept rows stand for exactly its original L rows.
     assert torch.allclose(mult.sum(dim=1), torch.full((4,), 32.0))
+    short16, mult16 = compact_text(txt, multiple=16)  # rounded up: 11 -> 16 rows
+    assert short16.shape[1] == 16 and torch.allclose(mult16[1, 10:], torch.full((6,), 22 / 6))
+    assert torch.allclose(mult16.sum(dim=1), torch.full((4,), 32.0))
     # Nothing to drop: a full-length prompt, a rounded length that reaches L, or no zero rows (T5).
-    for unchanged in (_zero_padded([32, 3]), _zero_padded([20, 3]), torch.randn(2, 32, 8)):
-        same, none = compact_text(unchanged)
+    for unchanged, multiple in ((_zero_padded([32, 3]), 1), (_zero_padded([20, 3]), 16), (torch.randn(2, 32, 8), 1)):
+        same, none = compact_text(unchanged, multiple)
         assert same is unchanged and none is None
     assert compact_text(_zero_padded([20, 3]), multiple=8)[0].shape[1] == 24
     # Only trailing zero rows count as padding: a zero row inside the prompt stays.
@@ -123,7 +126,7 @@ def test_compact_text_keeps_the_prompts_and_counts_the_dropped_rows():
 def test_model_text_passes_the_counts_only_when_rows_were_dropped():
     padded, full = _zero_padded([3, 10]), torch.randn(2, 32, 8)
     short, extra = model_text(padded)
-    assert short.shape[1] == 16 and torch.equal(extra["txt_multiplicity"], compact_text(padded)[1])
+    assert short.shape[1] == 11 and torch.equal(extra["txt_multiplicity"], compact_text(padded)[1])
     for txt, compact in ((full, True), (padded, False)):
         same, none = model_text(txt, compact)
         assert same is txt and none == {}
@@ -147,11 +150,11 @@ def test_compacted_text_gives_the_same_outputs_and_gradients():
     full, full_grads = loss_and_grads(txt, None)
     short, mult = compact_text(txt)
     out, grads = loss_and_grads(short, mult)
-    assert short.shape[1] == 16
+    assert short.shape[1] == 11
     torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     # Dropping the rows without their counts is not the same model.
     assert not torch.allclose(loss_and_grads(short, None)[0], full, atol=1e-3)
     with pytest.raises(ValueError, match="txt_multiplicity"):
-        model(img, ids, short, txt_ids(4, 16), t, y, guidance=g, txt_multiplicity=mult[:, :8])
+        model(img, ids, short, txt_ids(4, 11), t, y, guidance=g, txt_multiplicity=mult[:, :8])

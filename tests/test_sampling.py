@@ -260,7 +260,7 @@ def test_zero_padded_text_is_compacted_without_changing_the_sample():
     times = [1.0, 0.6, 0.0]
     kw = dict(height=h, width=w, seed=4, timesteps=times, guidance=2.5 if p.guidance_embed else None)
     out = sample_latents(Recording(), [], txt, vec, cfg_scale=3.0, uncond=neg, **kw)
-    assert seen == [16, 16]  # one 2B forward per step, on 16 of the 32 text rows
+    assert seen == [10, 10]  # one 2B forward per step, on 10 of the 32 text rows (longest prompt + 1)
     # The same Euler steps by hand on the full 32 rows.
     x = packing.pack(get_noise(b, h, w, seed=4, device="cpu", dtype=torch.float32))
     ids, full_txt = packing.make_ids(b, h, w), torch.cat([txt, neg[0].expand(b, -1, -1)])

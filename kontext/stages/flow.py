@@ -172,14 +172,9 @@ class FlowStage(L.LightningModule):
         noise = torch.randn(tokens.img.shape, generator=gen, device=x.device, dtype=tokens.img.dtype)
         t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=gen, device=x.device)
         z_t = flow.interpolate(tokens.img, noise, t)
-        img, img_ids = tokens.joint(z_t)
-        guidance = None
-        if self.params.guidance_embed:
-            guidance = torch.full((b,), self.train_guidance, device=x.device, dtype=x.dtype)
-        txt, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
-        pred = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x.device),
-                          t.to(x.dtype), vec, guidance, **extra)
-        loss = flow.flow_loss(packing.target_slice(pred, n_img), flow.velocity_target(tokens.img, noise))
+        guidance = self.train_guidance if self.params.guidance_embed else None
+        pred = packing.predict(self.model, tokens, z_t, t.to(x.dtype), txt, vec, guidance, self.compact_text)
+        loss = flow.flow_loss(pred, flow.velocity_target(tokens.img, noise))
         self.last_batch_size = b
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         if batch_idx % 10 == 0:
