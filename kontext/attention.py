@@ -134,12 +134,15 @@ def resolve_backend(q: Tensor, backend: str | None = None) -> str:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, backend: str | None = None,
-              key_bias: Tensor | None = None) -> Tensor:
+              key_bias: Tensor | None = None, rows: slice | None = None) -> Tensor:
     """RoPE, then softmax attention over all tokens: (B, H, L, D) x3 -> (B, L, H*D).
 
     `key_bias` (B, L), optional, is added to every query's logit for each key (the log of how
-    many identical tokens a key stands for, see `packing.compact_text`); SDPA runs it."""
+    many identical tokens a key stands for, see `packing.compact_text`); SDPA runs it.
+    `rows`, optional, keeps only those queries: (B, len(rows), H*D), from every key."""
     q, k = apply_rope(q, k, pe)
+    if rows is not None:
+        q = q[:, :, rows]
     if key_bias is not None:
         return rearrange(_sdpa(q, k, v, key_bias[:, None, None, :]), MERGE_HEADS)
     if resolve_backend(q, backend) == "flash":

@@ -7,7 +7,8 @@ forward with forward hooks (the network is not modified) and keeps, per chosen b
 target image tokens only, reshaped to their 2-D token grid:
 
 - double blocks return ``(img, txt)``: the image stream is ``img`` = [target | context];
-- single blocks return ``x`` = [txt | target | context]: the image part is ``x[:, L_txt:]``;
+- single blocks return ``x`` = [txt | target | context] (the last one only its image rows): the
+  image part is the last L_img rows;
 
 and the target part of either is ``packing.target_slice``. Text and context tokens still
 condition the teacher through attention, but no head sees them. The forward stops after the
@@ -66,14 +67,15 @@ def block_features(
 ) -> list[Tensor]:
     """Target-token features after each of ``blocks`` (sorted, see :func:`resolve_blocks`):
     a list of (B, D, h, w), in the order of ``blocks``."""
-    n_img, n_txt = grid[0] * grid[1], txt.shape[1]
+    n_img = grid[0] * grid[1]
     all_blocks = [*model.double_blocks, *model.single_blocks]
     n_double, last = len(model.double_blocks), max(blocks)
     feats: dict[int, Tensor] = {}
 
     def hook_for(i: int):
         def hook(module, args, output):
-            image = output[0] if i < n_double else output[:, n_txt:]  # (B, L_img + L_ctx, D)
+            # the image rows: double blocks return (img, txt), single ones [txt | img] (the last: img only)
+            image = output[0] if i < n_double else output[:, -img.shape[1]:]  # (B, L_img + L_ctx, D)
             feats[i] = rearrange(packing.target_slice(image, n_img), GRID, h=grid[0], w=grid[1])
             if i == last:
                 raise _StopForward

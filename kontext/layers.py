@@ -221,14 +221,24 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, key_bias: Tensor | None = None) -> Tensor:
-        # x: (B, L_txt + L_img, D), key_bias: None or (B, L_txt + L_img)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, key_bias: Tensor | None = None,
+                rows: slice | None = None) -> Tensor:
+        # x: (B, L_txt + L_img, D), key_bias: None or (B, L_txt + L_img) -> (B, L_txt + L_img, D).
+        # With `rows` only those tokens are updated and returned, (B, len(rows), D): every token
+        # still gives keys and values, but queries, MLP and output run on the kept rows alone
+        # (the last block, whose text and context outputs nobody reads).
         mod, _ = self.modulation(vec)
         x_mod = mod.modulate(self.pre_norm(x))
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
+        if rows is None:
+            qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
+        else:
+            w, b = self.linear1.weight, self.linear1.bias
+            qkv = F.linear(x_mod, w[: 3 * self.hidden_dim], b[: 3 * self.hidden_dim])
+            mlp = F.linear(x_mod[:, rows], w[3 * self.hidden_dim :], b[3 * self.hidden_dim :])
+            x = x[:, rows]
         q, k, v = rearrange(qkv, SPLIT_QKV, K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe, key_bias=key_bias)  # (B, L, D)
+        attn = attention(q, k, v, pe=pe, key_bias=key_bias, rows=rows)  # (B, L or len(rows), D)
         return mod.gated(x, self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2)))
 
 

@@ -5,11 +5,14 @@ of the EMA model on Shapes-Edit cases.
 FLOPs follow the FLUX transformer (FLUX.1 Kontext paper §2; counted like torchtitan's FLUX MFU,
 trainable transformer only, encoders excluded). With D the hidden size, r the MLP ratio, and
 N = L_txt + L_img tokens (L_img: target and context tokens), a double or single block costs
-(8 + 4r) D^2 multiply-adds x 2 per token in its linear layers (qkv 3D^2 + proj D^2 + MLP 2rD^2;
+(4 + 2r) D^2 multiply-adds x 2 per token in its linear layers (qkv 3D^2 + proj D^2 + MLP 2rD^2;
 single: linear1 (3 + r) D^2 + linear2 (1 + r) D^2) plus 4 N^2 D for attention scores and values,
-plus its modulation once per sample. A training step is 3 forward passes (backward = 2),
-recomputation under activation checkpointing excluded. MFU divides by the accelerator's dense
-bf16 peak (`peak_flops`, looked up for known GPUs; unknown devices report TFLOP/s only).
+plus its modulation once per sample. The last single block computes keys and values for all N
+tokens but queries, MLP and output only for the n_out predicted ones (`Flux.forward`), and the
+final layer runs on those alone. A training step's forward with gradients counts 3 times
+(backward = 2), recomputation under activation checkpointing excluded; the callback counts the
+forwards the model actually ran (compacted text included). MFU divides by the accelerator's
+dense bf16 peak (`peak_flops`, looked up for known GPUs; unknown devices report TFLOP/s only).
 """
 
 from __future__ import annotations
@@ -30,18 +33,23 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250
                    "A100": 312e12, "L40S": 362e12, "MI300X": 1307e12, "MI250X": 383e12}
 
 
-def flux_flops(params: FluxParams, n_img: int, n_txt: int) -> float:
+def flux_flops(params: FluxParams, n_img: int, n_txt: int, n_out: int | None = None) -> float:
     """Forward FLOPs of the transformer for one sample of `n_img` image tokens (target + context)
-    and `n_txt` text tokens."""
+    and `n_txt` text tokens, predicting the first `n_out` image tokens (default: all of them)."""
     d, r, n = params.hidden_size, params.mlp_ratio, n_img + n_txt
-    per_block = 2 * (4 + 2 * r) * d * d * n + 4 * n * n * d
-    double = params.depth * (per_block + 2 * 2 * d * 6 * d)        # + img_mod and txt_mod
-    single = params.depth_single_blocks * (per_block + 2 * d * 3 * d)  # + modulation
+    n_out = n_img if n_out is None else n_out
+
+    def block(n_q: int) -> float:  # every token gives q, k, v; attention, MLP and output run on n_q
+        return 2 * 3 * d * d * n + 2 * (1 + 2 * r) * d * d * n_q + 4 * n_q * n * d
+
+    double = params.depth * (block(n) + 2 * 2 * d * 6 * d)  # + img_mod and txt_mod
+    singles = [block(n)] * (params.depth_single_blocks - 1) + [block(n_out)] * min(params.depth_single_blocks, 1)
+    single = sum(singles) + params.depth_single_blocks * 2 * d * 3 * d  # + modulation
     embed = 2 * d * (params.in_channels * n_img + params.context_in_dim * n_txt)
     embed += 2 * (TIME_EMBED_DIM * d + d * d) + 2 * (params.vec_in_dim * d + d * d)
     if params.guidance_embed:
         embed += 2 * (TIME_EMBED_DIM * d + d * d)
-    final = 2 * d * 2 * d + 2 * d * params.out_channels * n_img
+    final = 2 * d * 2 * d + 2 * d * params.out_channels * n_out
     return float(double + single + embed + final)
 
 
@@ -109,12 +117,30 @@ class TrainMetrics(Callback):
         self._window = {"samples": 0, "tokens": 0, "flops": 0.0}
         self._grad_norm: float | None = None
         self._last_step = -1
+        self._hook = None
+
+    def _count_forward(self, params: FluxParams):
+        """A forward pre-hook adding the FLOPs of each call of the transformer as it ran: its
+        text length after compaction, its predicted rows, x3 when gradients flow."""
+        def hook(module, args, kwargs):
+            img, txt = args[0] if args else kwargs["img"], args[2] if len(args) > 2 else kwargs["txt"]
+            flops = img.shape[0] * flux_flops(params, img.shape[1], txt.shape[1], kwargs.get("n_out"))
+            self._window["flops"] += 3 * flops if torch.is_grad_enabled() else flops
+        return hook
 
     def _logging_step(self, trainer, step: int) -> bool:
         return step % max(1, trainer.log_every_n_steps) == 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step  # act after optimizer steps only (and not at a resumed step)
+        if isinstance(getattr(pl_module, "params", None), FluxParams) and self._hook is None:
+            self._hook = pl_module.model.register_forward_pre_hook(self._count_forward(pl_module.params),
+                                                                   with_kwargs=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
@@ -134,7 +160,6 @@ class TrainMetrics(Callback):
             text = getattr(pl_module, "text", None)
             b, n_img, n_txt = batch_tokens(batch, getattr(text, "max_length", 0))
             self._window["tokens"] += b * (n_img + n_txt) * world
-            self._window["flops"] += 3 * b * flux_flops(pl_module.params, n_img, n_txt)  # this rank's
         else:  # other stages (the autoencoder's): samples only
             b = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor | list))
         self._window["samples"] += b * world

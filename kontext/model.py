@@ -164,7 +164,8 @@ class Flux(nn.Module):
         y: Tensor,         # (B, vec_in_dim) pooled text vector
         guidance: Tensor | None = None,  # (B,) guidance scale, for guidance-distilled models
         txt_multiplicity: Tensor | None = None,  # (B, L_txt): identical text rows each row stands for
-    ) -> Tensor:           # (B, L_img, out_channels): one prediction per image token given
+        n_out: int | None = None,  # predict only the first n_out image tokens (the target); None: all
+    ) -> Tensor:           # (B, n_out or L_img, out_channels): one prediction per image token asked for
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must have 3 dimensions (B, L, C)")
         if img_ids.shape[1] != img.shape[1] or txt_ids.shape[1] != txt.shape[1]:
@@ -193,12 +194,15 @@ class Flux(nn.Module):
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, key_bias=key_bias)
 
+        n_txt = txt.shape[1]
+        rows = slice(n_txt, n_txt + (img.shape[1] if n_out is None else n_out))  # the image tokens asked for
         x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D)
-        for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe, key_bias=key_bias)
-        img = x[:, txt.shape[1] :, ...]
+        for i, block in enumerate(self.single_blocks):
+            # The last block computes only the rows asked for: text (and context) outputs go unread.
+            x = block(x, vec=vec, pe=pe, key_bias=key_bias, rows=rows if i == len(self.single_blocks) - 1 else None)
+        img = x if self.single_blocks else x[:, rows]
 
-        return self.final_layer(img, vec)  # (B, L_img, out_channels)
+        return self.final_layer(img, vec)  # (B, n_out, out_channels)
 
 
 @contextlib.contextmanager

@@ -163,5 +163,6 @@ def predict(model, tokens: KontextTokens, img: Tensor, t: Tensor, txt: Tensor, v
     b = joint.shape[0]
     if guidance is not None and not isinstance(guidance, Tensor):
         guidance = torch.full((b,), float(guidance), device=joint.device, dtype=joint.dtype)
-    pred = model(joint, ids, txt, txt_ids(b, txt.shape[1], device=joint.device), t, vec, guidance, **extra)
+    pred = model(joint, ids, txt, txt_ids(b, txt.shape[1], device=joint.device), t, vec, guidance,
+                 n_out=tokens.n_img, **extra)
     return target_slice(pred, tokens.n_img)  # (B, L_img, C)

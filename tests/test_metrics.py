@@ -18,8 +18,10 @@ from kontext.model import FLUX_PRESETS, build_flux
 from kontext.run import run
 
 
-@pytest.mark.parametrize(("preset", "n_img", "n_txt"), [("tiny", 32, 7), ("small", 48, 32), ("tiny", 4, 0)])
-def test_flop_formula_matches_pytorch_count(preset, n_img, n_txt):
+@pytest.mark.parametrize(("preset", "n_img", "n_txt", "n_out"),
+                         [("tiny", 32, 7, None), ("small", 48, 32, None), ("tiny", 4, 0, None), ("small", 32, 11, 16),
+                          ("tiny", 32, 7, 4)])
+def test_flop_formula_matches_pytorch_count(preset, n_img, n_txt, n_out):
     params = FLUX_PRESETS[preset]
     with torch.device("meta"):
         model = build_flux(params)
@@ -29,8 +31,9 @@ def test_flop_formula_matches_pytorch_count(preset, n_img, n_txt):
                 torch.zeros(b), torch.zeros(b, params.vec_in_dim),
                 torch.ones(b) if params.guidance_embed else None)
         with FlopCounterMode(display=False) as counter:
-            model(*args)
-    assert counter.get_total_flops() == b * flux_flops(params, n_img, n_txt)
+            out = model(*args, n_out=n_out)
+    assert out.shape[1] == (n_img if n_out is None else n_out)
+    assert counter.get_total_flops() == b * flux_flops(params, n_img, n_txt, n_out)
 
 
 def test_tokens_of_feature_and_image_batches():
@@ -53,7 +56,8 @@ def test_run_logs_throughput_flops_memory_and_a_grid(tmp_path, random_ae):  # no
     overrides = [*tiny_overrides(tmp_path, random_ae), "trainer.max_steps=4", "trainer.log_every_n_steps=2",
                  "callbacks.metrics.grid_every_n_steps=4", "callbacks.metrics.grid_steps=2",
                  "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false",
-                 "data.t2i_fraction=0"]  # every batch has one reference: a fixed token count
+                 "data.t2i_fraction=0",  # every batch has one reference: a fixed token count
+                 "stage.compact_text=false"]  # and the full text length
     cfg = compose_train(overrides)
     for step in cfg.prepare.values():
         instantiate(step)
@@ -68,7 +72,8 @@ def test_run_logs_throughput_flops_memory_and_a_grid(tmp_path, random_ae):  # no
         samples_per_s, tokens_per_s = float(r["perf/samples_per_s"]), float(r["perf/tokens_per_s"])
         assert samples_per_s > 0 and tokens_per_s / samples_per_s == pytest.approx(tokens)
         tflops = float(r["perf/tflops_per_device"]) * 1e12
-        assert tflops / samples_per_s == pytest.approx(3 * flux_flops(params, 32, 32))
+        # The forwards as run: 32 image and 32 text tokens in, the 16 target tokens predicted.
+        assert tflops / samples_per_s == pytest.approx(3 * flux_flops(params, 32, 32, 16))
         assert 0 < float(r["train/grad_norm"]) < float("inf")
         assert float(r["train/lr"]) > 0
         assert 0.01 < float(r["memory/peak_gib"]) < 64

@@ -114,6 +114,32 @@ def test_tiny_forward_backward_train_mode():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("compacted", [False, True])
+def test_predicting_only_the_target_tokens_changes_nothing_else(compacted):
+    """n_out: the last single block computes queries, MLP and output for the asked rows only;
+    their predictions and every gradient equal those of the full forward."""
+    model = build_flux("tiny")
+    randomize_(model)
+    x = inputs()
+    if compacted:  # the attention bias of compacted text goes through the shortened block too
+        x["txt_multiplicity"] = torch.rand(x["txt"].shape[:2]) + 1
+    n_target = 16  # the 4x4 target of inputs(); the 6 context tokens follow
+    g = torch.randn(2, n_target, 64)
+
+    def run(n_out):
+        model.zero_grad()
+        out = model(**x, n_out=n_out)
+        (out[:, :n_target] * g).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    full, full_grads = run(None)
+    part, part_grads = run(n_target)
+    assert full.shape == (2, 16 + 6, 64) and part.shape == (2, n_target, 64)
+    torch.testing.assert_close(part, full[:, :n_target], rtol=1e-5, atol=1e-6)
+    for a, b in zip(part_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_guidance_is_required_for_guidance_distilled_models():
     model = build_flux("tiny")
     x = inputs()
