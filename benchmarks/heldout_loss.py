@@ -69,11 +69,9 @@ def heldout_loss(pipe, cases: dict[str, list], times: list[float], seed: int = 0
         for value in times:
             noise = torch.randn(tokens.img.shape, generator=gen).to(x)
             t = torch.full((n,), float(value), dtype=x.dtype, device=x.device)
-            img, img_ids = tokens.joint(flow.interpolate(tokens.img, noise, t))
-            pred = model(img, img_ids, txt, packing.txt_ids(n, txt.shape[1], device=x.device), t, vec,
-                         None if g is None else g.to(x.device))
-            losses.append(flow.flow_loss(packing.target_slice(pred, tokens.n_img),
-                                         flow.velocity_target(tokens.img, noise)).item())
+            pred = packing.predict(model, tokens, flow.interpolate(tokens.img, noise, t), t, txt, vec,
+                                   None if g is None else g.to(x.device))
+            losses.append(flow.flow_loss(pred, flow.velocity_target(tokens.img, noise)).item())
         result[op] = sum(losses) / len(losses)
     result["mean"] = sum(result.values()) / len(result)
     return result

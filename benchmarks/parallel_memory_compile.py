@@ -43,16 +43,14 @@ def training_batch(params, batch: int, size: int, n_txt: int, seed: int = 0) -> 
 
 
 def loss_of(model, b: dict):
-    import torch
 
     from kontext import flow, packing
 
     tokens = b["tokens"]
-    img, ids = tokens.joint(flow.interpolate(tokens.img, b["noise"], b["t"]))
-    n = img.shape[0]
-    guidance = torch.ones(n) if model.params.guidance_embed else None
-    pred = model(img, ids, b["txt"], packing.txt_ids(n, b["txt"].shape[1]), b["t"], b["vec"], guidance)
-    return flow.flow_loss(packing.target_slice(pred, tokens.n_img), flow.velocity_target(tokens.img, b["noise"]))
+    guidance = 1.0 if model.params.guidance_embed else None
+    pred = packing.predict(model, tokens, flow.interpolate(tokens.img, b["noise"], b["t"]), b["t"], b["txt"], b["vec"],
+                           guidance)
+    return flow.flow_loss(pred, flow.velocity_target(tokens.img, b["noise"]))
 
 
 def rss_mib() -> tuple[float, float]:

@@ -41,24 +41,18 @@ def batches(batch: int, text, seed: int = 0) -> dict[str, dict]:
 
 
 def step(model, opt, b: dict, compact: bool):
-    import torch
 
     from kontext import flow, packing
 
-    tokens, txt = b["tokens"], b["txt"]
-    extra = {}
-    if compact:
-        txt, mult = packing.compact_text(txt)
-        extra = {} if mult is None else {"txt_multiplicity": mult}
-    img, ids = tokens.joint(flow.interpolate(tokens.img, b["noise"], b["t"]))
-    n = img.shape[0]
-    guidance = torch.ones(n) if model.params.guidance_embed else None
-    pred = model(img, ids, txt, packing.txt_ids(n, txt.shape[1]), b["t"], b["vec"], guidance, **extra)
-    loss = flow.flow_loss(packing.target_slice(pred, tokens.n_img), flow.velocity_target(tokens.img, b["noise"]))
+    tokens = b["tokens"]
+    guidance = 1.0 if model.params.guidance_embed else None
+    pred = packing.predict(model, tokens, flow.interpolate(tokens.img, b["noise"], b["t"]), b["t"], b["txt"],
+                           b["vec"], guidance, compact)
+    loss = flow.flow_loss(pred, flow.velocity_target(tokens.img, b["noise"]))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return pred.detach(), txt.shape[1]
+    return pred.detach(), packing.model_text(b["txt"], compact)[0].shape[1]
 
 
 def main() -> None:

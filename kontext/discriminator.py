@@ -7,8 +7,8 @@ forward with forward hooks (the network is not modified) and keeps, per chosen b
 target image tokens only, reshaped to their 2-D token grid:
 
 - double blocks return ``(img, txt)``: the image stream is ``img`` = [target | context];
-- single blocks return ``x`` = [txt | target | context] (the last one only its image rows): the
-  image part is the last L_img rows;
+- single blocks return ``x`` = [txt | target | context] (the last one only the target rows
+  `packing.predict` asks for): the image part is the last rows;
 
 and the target part of either is ``packing.target_slice``. Text and context tokens still
 condition the teacher through attention, but no head sees them. The forward stops after the
@@ -55,27 +55,27 @@ def resolve_blocks(model: Flux, blocks: Sequence[int] | None) -> list[int]:
 def block_features(
     model: Flux,
     blocks: Sequence[int],
-    grid: tuple[int, int],  # (h, w) of the target token grid: latent size / 2
-    img: Tensor,       # (B, L_img + L_ctx, C): target tokens first, then context tokens
-    img_ids: Tensor,
+    tokens: packing.KontextTokens,  # the target's grid and the context tokens with their ids
+    img: Tensor,       # (B, L_img, C): the (re-noised) target tokens
+    t: Tensor,         # (B,)
     txt: Tensor,       # (B, L_txt, D_txt)
-    txt_ids: Tensor,
-    timesteps: Tensor,  # (B,)
-    y: Tensor,         # (B, D_vec)
-    guidance: Tensor | None = None,
-    txt_multiplicity: Tensor | None = None,  # (B, L_txt), see packing.compact_text
+    vec: Tensor,       # (B, D_vec)
+    guidance: Tensor | float | None = None,
+    compact: bool = True,
 ) -> list[Tensor]:
     """Target-token features after each of ``blocks`` (sorted, see :func:`resolve_blocks`):
-    a list of (B, D, h, w), in the order of ``blocks``."""
-    n_img = grid[0] * grid[1]
+    a list of (B, D, h, w), in the order of ``blocks``. The forward is `packing.predict`'s."""
+    n_img, grid = tokens.n_img, (tokens.height // packing.PATCH, tokens.width // packing.PATCH)
+    n_image_rows = n_img + tokens.ctx.shape[1]  # target and context tokens
     all_blocks = [*model.double_blocks, *model.single_blocks]
     n_double, last = len(model.double_blocks), max(blocks)
     feats: dict[int, Tensor] = {}
 
     def hook_for(i: int):
         def hook(module, args, output):
-            # the image rows: double blocks return (img, txt), single ones [txt | img] (the last: img only)
-            image = output[0] if i < n_double else output[:, -img.shape[1]:]  # (B, L_img + L_ctx, D)
+            # Double blocks return (img, txt); single ones [txt | img], the last one fewer rows:
+            # the image rows are the last ones, the target's first among them.
+            image = output[0] if i < n_double else output[:, -min(output.shape[1], n_image_rows):]
             feats[i] = rearrange(packing.target_slice(image, n_img), GRID, h=grid[0], w=grid[1])
             if i == last:
                 raise _StopForward
@@ -84,8 +84,7 @@ def block_features(
 
     handles = [all_blocks[i].register_forward_hook(hook_for(i)) for i in blocks]
     try:
-        extra = {} if txt_multiplicity is None else {"txt_multiplicity": txt_multiplicity}
-        model(img, img_ids, txt, txt_ids, timesteps, y, guidance, **extra)
+        packing.predict(model, tokens, img, t, txt, vec, guidance, compact)
     except _StopForward:
         pass
     finally:

@@ -2,8 +2,8 @@
 
 Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; the
 recipe of FLUX.1 [dev], FLUX.1 Kontext paper §3): a student fed the guidance scale ``w``
-regresses onto the teacher's classifier-free-guided velocity ``v_u + w (v_c - v_u)``, so one
-evaluation per step replaces two. ``w`` is the sampler's ``cfg_scale`` (w = 1: no guidance).
+regresses onto the teacher's classifier-free-guided velocity ``v_u + w (v_c - v_u)``
+(`kontext.sampling.velocity` with ``cfg_scale=w``), so one evaluation per step replaces two.
 
 Latent adversarial diffusion distillation (Sauer et al. 2024, arXiv 2403.12015, the [pro]
 recipe): a few-step student predicts ``x0_hat = x_t - t v`` at a small set of student times;
@@ -22,25 +22,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from kontext import packing
-from kontext.flow import interpolate, sample_t
-
-
-def _per_sample(value: Tensor | float, like: Tensor) -> Tensor:
-    """A scalar or (B,) value shaped to broadcast over ``like`` (B, ...)."""
-    value = torch.as_tensor(value, device=like.device, dtype=like.dtype)
-    return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim == 1 else value
+from kontext.flow import interpolate, per_sample, sample_t
 
 
 # ------------------------------------------------------------------------------ guidance
-def guided_velocity(cond: Tensor, uncond: Tensor, w: Tensor | float) -> Tensor:
-    """Classifier-free guidance ``uncond + w (cond - uncond)``; ``w`` a scalar or one per sample."""
-    w = _per_sample(w, cond)
-    return uncond + w * (cond - uncond)
-
-
 def sample_guidance(batch: int, low: float, high: float, generator: torch.Generator | None = None,
                     device: torch.device | str | None = None) -> Tensor:
     """Guidance scales ``w ~ U[low, high]``, shape (B,), float32 (drawn on the generator's device)."""
@@ -51,38 +38,10 @@ def sample_guidance(batch: int, low: float, high: float, generator: torch.Genera
     return low + (high - low) * u
 
 
-@torch.no_grad()
-def teacher_guided_velocity(
-    teacher: nn.Module,
-    img: Tensor,       # (B, L_img + L_ctx, C): noisy target tokens, then context tokens
-    img_ids: Tensor,   # (B, L_img + L_ctx, 3)
-    txt: Tensor,       # (B, L_txt, D_txt)
-    txt_ids: Tensor,   # (B, L_txt, 3)
-    t: Tensor,         # (B,)
-    vec: Tensor,       # (B, D_vec)
-    uncond: tuple[Tensor, Tensor],  # empty-prompt (txt, vec), batch 1 or B
-    w: Tensor | float,
-    n_img: int,
-    guidance: Tensor | None = None,  # the teacher's own guidance input, if it has one
-) -> Tensor:
-    """The teacher's guided velocity on the target tokens, (B, L_img, C): both branches in one
-    forward of batch 2B (the network is batch-independent)."""
-    b = img.shape[0]
-    u_txt, u_vec = uncond
-    u_txt, u_vec = u_txt.expand(b, *u_txt.shape[1:]).to(txt), u_vec.expand(b, *u_vec.shape[1:]).to(vec)
-    if u_txt.shape != txt.shape:
-        raise ValueError(f"unconditional text {tuple(u_txt.shape)} must match the text {tuple(txt.shape)}")
-    both, extra = packing.model_text(torch.cat([txt, u_txt]))  # exact: same velocities
-    pred = teacher(img.repeat(2, 1, 1), img_ids.repeat(2, 1, 1), both, txt_ids[:, : both.shape[1]].repeat(2, 1, 1),
-                   t.repeat(2), torch.cat([vec, u_vec]), None if guidance is None else guidance.repeat(2), **extra)
-    cond, neg = packing.target_slice(pred, n_img).chunk(2)
-    return guided_velocity(cond, neg, w)
-
-
 # ---------------------------------------------------------------------------------- LADD
 def predict_x0(x_t: Tensor, v: Tensor, t: Tensor | float) -> Tensor:
     """The clean sample a velocity prediction implies: ``x0_hat = x_t - t v``."""
-    return x_t - _per_sample(t, x_t) * v
+    return x_t - per_sample(t, x_t) * v
 
 
 def sample_student_t(batch: int, timesteps: Sequence[float], probs: Sequence[float] | None = None,

@@ -5,7 +5,8 @@ from 0 (data ``x``) to 1 (noise ``eps``) on the straight line ``z_t = (1 - t) x 
 network predicts the constant velocity ``eps - x`` of that line. Training draws ``t`` from a
 logit-normal whose mode ``mu`` grows with the target token count; sampling walks the
 ``linspace(1, 0)`` grid warped by the matching time shift (reference FLUX ``get_schedule``).
-Every function here is independent of the network, the data and Lightning.
+``euler_step`` and ``cfg_velocity`` are the sampler's two formulas. Every function here is
+independent of the network, the data and Lightning.
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ def sample_t(
     return torch.sigmoid(torch.as_tensor(mu, device=z.device) + sigma * z)
 
 
+def per_sample(value: Tensor | float, like: Tensor) -> Tensor:
+    """A scalar or (B,) value shaped to broadcast over ``like`` (B, ...)."""
+    value = torch.as_tensor(value, device=like.device, dtype=like.dtype)
+    return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim == 1 else value
+
+
 def interpolate(x: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
     """The point ``z_t = (1 - t) x + t noise``; a (B,) ``t`` broadcasts over the other axes of x."""
-    t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
-    t = t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim == 1 else t
+    t = per_sample(t, x)
     return (1 - t) * x + t * noise
 
 
@@ -99,3 +105,13 @@ def schedule(
     if shift:
         t = time_shift(mu_for_tokens(n_tokens, base_shift, max_shift), 1.0, t)
     return t.float()
+
+
+def euler_step(z: Tensor, v: Tensor, t: float, t_next: float) -> Tensor:
+    """One Euler step of ``dz/dt = v`` from ``t`` to ``t_next`` (towards data when t_next < t)."""
+    return z + (t_next - t) * v
+
+
+def cfg_velocity(cond: Tensor, uncond: Tensor, w: Tensor | float) -> Tensor:
+    """Classifier-free guidance ``uncond + w (cond - uncond)``; ``w`` a scalar or one per sample (B,)."""
+    return uncond + per_sample(w, cond) * (cond - uncond)

@@ -121,6 +121,11 @@ class KontextTokens:
         """Target tokens (B, L_img, 4C) -> target latent (B, C, H, W)."""
         return unpack(img, self.height, self.width)
 
+    def repeat(self, n: int) -> KontextTokens:
+        """The batch n times over (sample i of copy j at j * B + i), e.g. for a CFG pair."""
+        rep = lambda x: x.repeat(n, *([1] * (x.ndim - 1)))
+        return KontextTokens(rep(self.img), rep(self.img_ids), rep(self.ctx), rep(self.ctx_ids), self.height, self.width)
+
 
 def prepare(target: Tensor, contexts: Sequence[Tensor] = ()) -> KontextTokens:
     """Pack a target latent (B, C, H, W) and any number of context latents (B, C, h_i, w_i)."""
@@ -163,6 +168,6 @@ def predict(model, tokens: KontextTokens, img: Tensor, t: Tensor, txt: Tensor, v
     b = joint.shape[0]
     if guidance is not None and not isinstance(guidance, Tensor):
         guidance = torch.full((b,), float(guidance), device=joint.device, dtype=joint.dtype)
-    pred = model(joint, ids, txt, txt_ids(b, txt.shape[1], device=joint.device), t, vec, guidance,
+    pred = model(joint, ids, txt, txt_ids(b, txt.shape[1], device=joint.device), t, vec, guidance=guidance,
                  n_out=tokens.n_img, **extra)
     return target_slice(pred, tokens.n_img)  # (B, L_img, C)

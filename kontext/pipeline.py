@@ -229,7 +229,7 @@ class KontextPipeline:
     def _generate(self, refs: list[list[Image.Image]], prompts: list[str], seeds: list[int],
                   size: tuple[int, int], plan: dict) -> list[Image.Image]:
         """One batch of cases that share reference and output sizes."""
-        b, (width, height) = len(prompts), size
+        width, height = size
         factor = self.autoencoder.params.downsample
         contexts = [self.encode_images([case[i] for case in refs]) for i in range(len(refs[0]))]
         txt, vec = self._text(prompts)
@@ -237,11 +237,8 @@ class KontextPipeline:
         tokens = packing.prepare(noise, contexts)
         times = plan["timesteps"] or schedule(plan["steps"], tokens.n_img, shift=self.sampler.shift)
         uncond = self._text([plan["negative_prompt"]]) if plan["cfg"] != 1.0 else None
-        img = denoise(
-            self.model, tokens.img, tokens.img_ids, tokens.ctx, tokens.ctx_ids,
-            txt, packing.txt_ids(b, txt.shape[1], device=self.device), vec, times,
-            guidance=plan["guidance"], cfg_scale=plan["cfg"], uncond=uncond, progress=self.progress,
-        )  # (B, L_img, 64)
+        img = denoise(self.model, tokens, tokens.img, txt, vec, times, guidance=plan["guidance"],
+                      cfg_scale=plan["cfg"], uncond=uncond, progress=self.progress)  # (B, L_img, 64)
         return self.decode_latents(tokens.unpack(img))
 
     # -- loading (see kontext.loading) ---------------------------------------------------------

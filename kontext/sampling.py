@@ -3,8 +3,10 @@
 ``denoise`` integrates the predicted velocity from t = 1 (noise) to t = 0 (data) over a list
 of times: the shifted grid of :func:`kontext.flow.schedule`, or an explicit list given by the
 caller (few-step distilled students). At every step the context tokens ride along after the
-target tokens, with their own ids, and only the target slice of the prediction moves the
-sample; context tokens never change. Two guidance mechanisms, usable together:
+target tokens, with their own ids, and only the target prediction moves the sample
+(`kontext.packing.predict`); context tokens never change. ``velocity`` is the field it
+follows, also the distillation teachers' guided velocity. Two guidance mechanisms, usable
+together:
 
 - ``guidance``: the scalar fed to the model's guidance embedding (guidance-distilled models);
 - ``cfg_scale`` != 1: true classifier-free guidance against an unconditional prompt,
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kontext import packing
-from kontext.flow import schedule
+from kontext.flow import cfg_velocity, euler_step, schedule
 
 LATENT_CHANNELS = 16
 
@@ -56,15 +58,48 @@ def _text_pair(uncond) -> tuple[Tensor, Tensor]:
     return txt, vec
 
 
+def velocity(
+    model: nn.Module,
+    tokens: packing.KontextTokens,
+    img: Tensor,
+    t: Tensor,
+    txt: Tensor,
+    vec: Tensor,
+    guidance: Tensor | float | None = None,
+    cfg_scale: Tensor | float = 1.0,
+    uncond=None,
+    compact: bool = True,
+) -> Tensor:
+    """The velocity (B, L_img, C) the sampler follows at the target tokens ``img`` and times t (B,).
+
+    ``cfg_scale`` != 1 (a float, or one value per sample (B,)) is true classifier-free guidance
+    against ``uncond``, the (txt, vec) of the negative or empty prompt (batch B or 1, the text
+    as long as ``txt``): both branches run in one forward of batch 2B (the network is
+    batch-independent) and combine by `flow.cfg_velocity`. The text is compacted (exact).
+    """
+    if not isinstance(cfg_scale, Tensor) and cfg_scale == 1.0:
+        return packing.predict(model, tokens, img, t, txt, vec, guidance, compact)
+    if uncond is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional prompt features (uncond)")
+    b = img.shape[0]
+    u_txt, u_vec = _text_pair(uncond)
+    u_txt, u_vec = u_txt.expand(b, *u_txt.shape[1:]).to(txt), u_vec.expand(b, *u_vec.shape[1:]).to(vec)
+    if u_txt.shape != txt.shape:
+        raise ValueError(f"unconditional text {tuple(u_txt.shape)} must match the text {tuple(txt.shape)}")
+    if isinstance(guidance, Tensor):
+        guidance = guidance.repeat(2)
+    both = packing.predict(model, tokens.repeat(2), img.repeat(2, 1, 1), t.repeat(2), torch.cat([txt, u_txt]),
+                           torch.cat([vec, u_vec]), guidance, compact)
+    cond, neg = both.chunk(2)
+    return cfg_velocity(cond, neg, cfg_scale)
+
+
 @torch.no_grad()
 def denoise(
     model: nn.Module,
+    tokens: packing.KontextTokens,
     img: Tensor,
-    img_ids: Tensor,
-    ctx: Tensor | None,
-    ctx_ids: Tensor | None,
     txt: Tensor,
-    txt_ids: Tensor,
     vec: Tensor,
     timesteps: Sequence[float] | Tensor,
     guidance: float | None = None,
@@ -72,75 +107,27 @@ def denoise(
     uncond=None,
     progress: bool = False,
 ) -> Tensor:
-    """Integrate ``img`` (B, L_img, C) from ``timesteps[0]`` to ``timesteps[-1]`` with Euler steps.
+    """Integrate the target tokens ``img`` (B, L_img, C) from ``timesteps[0]`` to ``timesteps[-1]``.
 
-    ctx, ctx_ids: (B, L_ctx, C), (B, L_ctx, 3), or None / L_ctx = 0 for text-to-image.
-    txt, txt_ids, vec: (B, L_txt, D_txt), (B, L_txt, 3), (B, D_vec).
+    tokens: the packed target and context tokens with their ids (`packing.prepare`); the context
+        tokens ride along unchanged at every step. txt, vec: (B, L_txt, D_txt), (B, D_vec).
     timesteps: decreasing times, e.g. ``schedule(steps, L_img)`` or an explicit list; one model
-        evaluation per consecutive pair (two with CFG).
+        evaluation per consecutive pair (of batch 2B with CFG, see `velocity`).
     guidance: value of the guidance-embedding input; None for models without one.
-    uncond: (txt, vec) of the negative or empty prompt (a pair, or anything with .txt/.vec),
-        batch B or 1, required when cfg_scale != 1. When its txt has the shape of ``txt`` both
-        branches share one forward of batch 2B; otherwise each branch runs on its own.
     Returns the sample at the last time, (B, L_img, C), in the dtype of ``img``.
     """
     timesteps = [float(t) for t in timesteps]
     if len(timesteps) < 2:
         raise ValueError(f"denoise needs at least two timesteps, got {timesteps}")
-    use_cfg = cfg_scale != 1.0
-    if use_cfg and uncond is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional prompt features (uncond)")
-
-    b, n_img = img.shape[:2]
-    if ctx is not None and ctx.shape[1] > 0:
-        tokens_ctx, ids = ctx.to(img), torch.cat([img_ids, ctx_ids], dim=1)  # ids: (B, L_img + L_ctx, 3)
-    else:
-        tokens_ctx, ids = None, img_ids
-
-    branches = [(txt, txt_ids, vec)]
-    if use_cfg:
-        u_txt, u_vec = _text_pair(uncond)
-        if u_txt.shape[0] == 1 and b > 1:  # one empty-prompt encoding serves the whole batch
-            u_txt, u_vec = u_txt.expand(b, *u_txt.shape[1:]), u_vec.expand(b, *u_vec.shape[1:])
-        u_txt_ids = packing.txt_ids(b, u_txt.shape[1]).to(txt_ids)
-        branches.append((u_txt, u_txt_ids, u_vec))
-    # Both CFG branches in one forward of 2B when the text shapes allow it (the usual case: text
-    # padded to a fixed length); the network is batch-independent, so this only saves time.
-    batched = use_cfg and branches[0][0].shape == branches[1][0].shape
-    if batched:
-        branches = [tuple(torch.cat(pair, dim=0) for pair in zip(*branches, strict=True))]
-
-    # Trailing zero rows of the text (the embedded encoder's padding) shrink to a few weighted
-    # ones; exact (packing.compact_text), and a model only sees the argument when it applies.
-    compacted = []
-    for b_txt, b_txt_ids, b_vec in branches:
-        short, extra = packing.model_text(b_txt)
-        compacted.append((short, b_txt_ids[:, : short.shape[1]], b_vec, extra))
-
-    def velocity(tokens: Tensor, t: float) -> Tensor:
-        preds = []
-        for b_txt, b_txt_ids, b_vec, extra in compacted:
-            reps = b_txt.shape[0] // b
-            x = tokens.repeat(reps, 1, 1)
-            x_ids = ids.repeat(reps, 1, 1)
-            t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-            g_vec = None if guidance is None else torch.full_like(t_vec, guidance)
-            pred = model(x, x_ids, b_txt, b_txt_ids, t_vec, b_vec, guidance=g_vec, **extra)
-            preds.append(packing.target_slice(pred, n_img))  # (reps * B, L_img, C)
-        pred = torch.cat(preds, dim=0)
-        if not use_cfg:
-            return pred
-        cond, neg = pred.chunk(2, dim=0)
-        return neg + cfg_scale * (cond - neg)
-
     pairs = list(zip(timesteps[:-1], timesteps[1:], strict=True))
     if progress:
         from tqdm.auto import tqdm
 
         pairs = tqdm(pairs, desc="sampling", unit="step")
-    for t_curr, t_prev in pairs:
-        tokens = img if tokens_ctx is None else torch.cat([img, tokens_ctx], dim=1)
-        img = img + (t_prev - t_curr) * velocity(tokens, t_curr)
+    for t_curr, t_next in pairs:
+        t = torch.full((img.shape[0],), t_curr, device=img.device, dtype=img.dtype)
+        v = velocity(model, tokens, img, t, txt, vec, guidance, cfg_scale, uncond)
+        img = euler_step(img, v, t_curr, t_next)
     return img
 
 
@@ -176,19 +163,6 @@ def sample_latents(
     tokens = packing.prepare(noise, contexts)
     if timesteps is None:
         timesteps = schedule(steps, tokens.img.shape[1], shift=shift)  # target tokens only
-    img = denoise(
-        model,
-        tokens.img,
-        tokens.img_ids,
-        tokens.ctx,
-        tokens.ctx_ids,
-        txt,
-        packing.txt_ids(b, txt.shape[1], device=txt.device),
-        vec,
-        timesteps,
-        guidance=guidance,
-        cfg_scale=cfg_scale,
-        uncond=uncond,
-        progress=progress,
-    )
+    img = denoise(model, tokens, tokens.img, txt, vec, timesteps, guidance=guidance, cfg_scale=cfg_scale,
+                  uncond=uncond, progress=progress)
     return tokens.unpack(img)  # (B, 16, height, width)

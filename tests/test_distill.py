@@ -13,7 +13,7 @@ import torch
 from distill_setup import TINY_NO_GUIDANCE, compose_distill, one_thread, shared_setting  # noqa: F401
 from tiny_kontext import random_flux, text_encoder
 
-from kontext import distill, flow, packing
+from kontext import distill, flow, packing, sampling
 from kontext.errors import KontextError
 from kontext.model import build_flux, get_params, load_flux
 from kontext.run import run
@@ -24,9 +24,9 @@ from kontext.stages.teacher import init_student, load_teacher
 def test_guided_velocity_by_hand():
     cond = torch.tensor([[[1.0, 2.0]], [[0.0, -1.0]]])
     uncond = torch.tensor([[[0.5, 1.0]], [[1.0, 1.0]]])
-    assert torch.equal(distill.guided_velocity(cond, uncond, 3.0), torch.tensor([[[2.0, 4.0]], [[-2.0, -5.0]]]))
+    assert torch.equal(flow.cfg_velocity(cond, uncond, 3.0), torch.tensor([[[2.0, 4.0]], [[-2.0, -5.0]]]))
     # one scale per sample: w = 1 gives the conditional velocity, w = 0 the unconditional one
-    out = distill.guided_velocity(cond, uncond, torch.tensor([1.0, 0.0]))
+    out = flow.cfg_velocity(cond, uncond, torch.tensor([1.0, 0.0]))
     assert torch.equal(out, torch.stack([cond[0], uncond[1]]))
 
 
@@ -117,12 +117,14 @@ def _tokens(b: int = 2, ctx_hw: tuple[int, int] = (8, 8)):
 
 
 def test_teacher_guided_velocity_equals_two_forwards():
+    """`sampling.velocity` with one guidance scale per sample (the teacher's target) against two
+    plain forwards combined by hand."""
     teacher = random_flux(3, TINY_NO_GUIDANCE)
     tokens, img, ids, txt, txt_ids, vec = _tokens()
     t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 4.0])
     u_txt, u_vec = torch.randn(1, 6, 384), torch.randn(1, 384)
-    got = distill.teacher_guided_velocity(teacher, img, ids, txt, txt_ids, t, vec, (u_txt, u_vec), w, tokens.n_img)
     with torch.no_grad():
+        got = sampling.velocity(teacher, tokens, tokens.img, t, txt, vec, cfg_scale=w, uncond=(u_txt, u_vec))
         cond = teacher(img, ids, txt, txt_ids, t, vec)[:, : tokens.n_img]
         neg = teacher(img, ids, u_txt.expand(2, -1, -1), txt_ids, t, u_vec.expand(2, -1))[:, : tokens.n_img]
     torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
@@ -130,8 +132,8 @@ def test_teacher_guided_velocity_equals_two_forwards():
     pad = torch.zeros(2, 26, 384)
     txt, u_txt = torch.cat([txt, pad], 1), torch.cat([u_txt[:, :2], torch.zeros(1, 30, 384)], 1)
     txt_ids = packing.txt_ids(2, 32)
-    got = distill.teacher_guided_velocity(teacher, img, ids, txt, txt_ids, t, vec, (u_txt, u_vec), w, tokens.n_img)
     with torch.no_grad():
+        got = sampling.velocity(teacher, tokens, tokens.img, t, txt, vec, cfg_scale=w, uncond=(u_txt, u_vec))
         cond = teacher(img, ids, txt, txt_ids, t, vec)[:, : tokens.n_img]
         neg = teacher(img, ids, u_txt.expand(2, -1, -1), txt_ids, t, u_vec.expand(2, -1))[:, : tokens.n_img]
     torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
@@ -209,12 +211,13 @@ def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
             path = stage._paths[0]
             x, t = path.x.clone(), torch.full((2,), path.times[1])
             img, ids = path.tokens.joint(x)
-            empty = text_encoder().encode([""])
-            target = distill.teacher_guided_velocity(teacher, img, ids, feats.txt, packing.txt_ids(2, 32), t,
-                                                     feats.vec, (empty.txt, empty.vec), 4.0, path.tokens.n_img)
-            with torch.no_grad():
+            empty, n = text_encoder().encode([""]), path.tokens.n_img
+            with torch.no_grad():  # the teacher's CFG target and the student's prediction, by plain forwards
+                cond = teacher(img, ids, feats.txt, packing.txt_ids(2, 32), t, feats.vec)[:, :n]
+                neg = teacher(img, ids, empty.txt.expand(2, -1, -1), packing.txt_ids(2, 32), t,
+                              empty.vec.expand(2, -1))[:, :n]
                 pred = stage.model(img, ids, feats.txt, packing.txt_ids(2, 32), t, feats.vec, torch.full((2,), 4.0))
-            expected_loss = flow.flow_loss(pred[:, : path.tokens.n_img], target)
+            expected_loss = flow.flow_loss(pred[:, :n], neg + 4.0 * (cond - neg))
             loss = stage.path_loss(batches[i], gen)[0]
             torch.testing.assert_close(loss.detach(), expected_loss, rtol=1e-4, atol=1e-7)
             assert loss.item() > 0  # w = 4: the fresh student (= conditional) misses
@@ -228,8 +231,7 @@ def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
     # own batch: exactly the teacher's CFG sampler.
     tokens = packing.prepare(batches[0]["target_latent"], batches[0]["reference_latents"])
     x0 = torch.randn(tokens.img.shape, generator=torch.Generator().manual_seed(0))
-    expected = denoise(teacher, x0, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt, packing.txt_ids(2, 32),
-                       feats.vec, flow.schedule(steps, tokens.n_img), cfg_scale=4.0,
+    expected = denoise(teacher, tokens, x0, feats.txt, feats.vec, flow.schedule(steps, tokens.n_img), cfg_scale=4.0,
                        uncond=text_encoder().encode([""]))
     torch.testing.assert_close(path.x, expected, rtol=1e-4, atol=1e-5)
     # The next visit of slot 0 starts a new path, from noise, on the batch it is given.

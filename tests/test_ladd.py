@@ -53,7 +53,7 @@ def test_features_are_the_target_image_tokens_on_their_grid():
     blocks = resolve_blocks(model, None)
     assert blocks == [0, 1, 2, 3]
     with torch.no_grad():
-        feats = block_features(model, blocks, (4, 4), img, ids, txt, txt_ids, t, y, g)
+        feats = block_features(model, blocks, tokens, tokens.img, t, txt, y, g)
         streams = _manual_image_streams(model, img, ids, txt, txt_ids, t, y, g)
     assert img.shape[1] == 16 + 24  # target 4x4 tokens, then a 6x4 context
     for feat, stream in zip(feats, streams, strict=True):
@@ -71,9 +71,8 @@ def test_features_with_compacted_text_equal_the_full_padding():
     short, mult = packing.compact_text(padded)
     assert mult is not None and short.shape[1] < 32
     with torch.no_grad():
-        full = block_features(model, blocks, (4, 4), img, ids, padded, packing.txt_ids(2, 32), t, y, g)
-        compact = block_features(model, blocks, (4, 4), img, ids, short, packing.txt_ids(2, short.shape[1]), t, y, g,
-                                 mult)
+        full = block_features(model, blocks, tokens, tokens.img, t, padded, y, g, compact=False)
+        compact = block_features(model, blocks, tokens, tokens.img, t, padded, y, g)
     for a, b in zip(compact, full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -83,9 +82,8 @@ def test_features_stop_after_the_deepest_chosen_block():
     calls = []
     model.single_blocks[1].register_forward_hook(lambda *a: calls.append("single1"))
     model.final_layer.register_forward_hook(lambda *a: calls.append("final"))
-    _, img, ids, txt, txt_ids, t, y = _inputs(target_hw=(8, 12), ctx_hw=(8, 8))
-    feats = block_features(model, resolve_blocks(model, [0, -2]), (4, 6), img, ids, txt, txt_ids, t, y,
-                           torch.ones(2))
+    tokens, _, _, txt, _, t, y = _inputs(target_hw=(8, 12), ctx_hw=(8, 8))
+    feats = block_features(model, resolve_blocks(model, [0, -2]), tokens, tokens.img, t, txt, y, torch.ones(2))
     assert [f.shape for f in feats] == [(2, 64, 4, 6)] * 2
     assert calls == []
     assert not model.double_blocks[0]._forward_hooks and not model.single_blocks[0]._forward_hooks  # removed
@@ -177,9 +175,8 @@ def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
     stage._gen = torch.Generator().manual_seed(3)
     x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
     empty = text_encoder().encode([""])
-    expected = denoise(stage.teacher, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt,
-                       packing.txt_ids(2, 32), feats.vec, schedule(2, tokens.n_img), guidance=1.0, cfg_scale=2.0,
-                       uncond=(empty.txt, empty.vec))
+    expected = denoise(stage.teacher, tokens, noise, feats.txt, feats.vec, schedule(2, tokens.n_img), guidance=1.0,
+                       cfg_scale=2.0, uncond=(empty.txt, empty.vec))
     torch.testing.assert_close(x0, expected)  # the teacher's CFG sample of exactly this noise
     stage.reals_cfg["source"] = "data"
     x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
@@ -198,8 +195,7 @@ def test_simulated_student_inputs_are_its_own_sampler_path():
     x_t = stage.simulate(noise, t, tokens, feats.txt, feats.vec)
     assert torch.equal(x_t[0], noise[0])  # t = 1: the sampler's start
     for i, times in [(1, [1.0, 0.75]), (2, [1.0, 0.75, 0.5]), (3, [1.0, 0.75, 0.5, 0.25])]:
-        expected = denoise(stage.model, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids, feats.txt,
-                           packing.txt_ids(4, 32), feats.vec, times, guidance=2.0)
+        expected = denoise(stage.model, tokens, noise, feats.txt, feats.vec, times, guidance=2.0)
         torch.testing.assert_close(x_t[i], expected[i], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(x_t[3], torch.lerp(tokens.img, noise, 0.25)[3])  # not the data's point
     # A batch all at t = 1 stays at its noise.

@@ -23,8 +23,8 @@ class OracleModel(nn.Module):
         self.x = x
         self.calls = []
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
-        self.calls.append(dict(img=img.clone(), img_ids=img_ids, txt=txt, t=timesteps, guidance=guidance))
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, n_out=None):
+        self.calls.append(dict(img=img.clone(), img_ids=img_ids, txt=txt, t=timesteps, guidance=guidance, n_out=n_out))
         n_img = self.x.shape[1]
         t = timesteps[:, None, None]
         v_img = (img[:, :n_img] - self.x.repeat(img.shape[0] // self.x.shape[0], 1, 1)) / t
@@ -39,7 +39,7 @@ class TextShiftModel(nn.Module):
         super().__init__()
         self.batch_sizes = []
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, n_out=None):
         self.batch_sizes.append(img.shape[0])
         return img + txt.mean(dim=(1, 2))[:, None, None] + y.mean(dim=1)[:, None, None]
 
@@ -78,8 +78,9 @@ def test_oracle_field_recovers_the_data_with_contexts_in_the_input_only(context_
     torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
     assert len(model.calls) == 6
     for call in model.calls:
-        # The model sees [img | ctx] with [img_ids | ctx_ids]; contexts are never modified.
-        assert call["img"].shape == (b, n_img + n_ctx, 64)
+        # The model sees [img | ctx] with [img_ids | ctx_ids]; contexts are never modified, and
+        # only the target's predictions are asked for.
+        assert call["img"].shape == (b, n_img + n_ctx, 64) and call["n_out"] == n_img
         if n_ctx:
             torch.testing.assert_close(call["img"][:, n_img:], ref.ctx)
             torch.testing.assert_close(call["img_ids"], torch.cat([ref.img_ids, ref.ctx_ids], dim=1))
@@ -103,13 +104,12 @@ def test_constant_velocity_walks_the_straight_line_from_noise_to_data():
     x, noise = torch.randn(b, n, c), torch.randn(b, n, c)
 
     class Straight(nn.Module):
-        def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, n_out=None):
             return noise - x
 
-    ids = packing.make_ids(b, 6, 8, 0, "cpu")
+    tokens = packing.prepare(torch.zeros(b, 16, 6, 8))  # 12 target tokens, no context
     txt, vec = _text(b)
-    txt_ids = packing.txt_ids(b, txt.shape[1])
-    out = denoise(Straight(), noise, ids, None, None, txt, txt_ids, vec, schedule(7, n))
+    out = denoise(Straight(), tokens, noise, txt, vec, schedule(7, n))
     torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
 
 
@@ -144,11 +144,8 @@ def test_guidance_vector_is_filled_when_given():
 
 def _one_step(model, txt, vec, cfg_scale=1.0, uncond=None, timesteps=(1.0, 0.0)):
     img = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
-    ids = packing.make_ids(2, 4, 4, 0, "cpu")
-    txt_ids = packing.txt_ids(2, txt.shape[1])
-    out = denoise(
-        model, img, ids, None, None, txt, txt_ids, vec, timesteps, cfg_scale=cfg_scale, uncond=uncond
-    )
+    tokens = packing.prepare(torch.zeros(2, 16, 4, 4))  # a 2x2 grid of target tokens
+    out = denoise(model, tokens, img, txt, vec, timesteps, cfg_scale=cfg_scale, uncond=uncond)
     return img, out
 
 
@@ -162,16 +159,21 @@ def test_cfg_scale_one_is_the_conditional_path():
     assert model.batch_sizes == [2, 2]  # the unconditional branch is not evaluated
 
 
-@pytest.mark.parametrize("neg_length", [5, 9])  # same length: one 2B forward; different: two forwards
-def test_true_cfg_combines_conditional_and_unconditional(neg_length):
+def test_true_cfg_combines_conditional_and_unconditional():
     txt, vec = _text(2, seed=1)
-    neg_txt, neg_vec = _text(2, length=neg_length, seed=2)
+    neg_txt, neg_vec = _text(2, seed=2)
     model = TextShiftModel()
     img, out = _one_step(model, txt, vec, cfg_scale=4.0, uncond=(neg_txt, neg_vec))
     shift = lambda t, v: (t.mean(dim=(1, 2)) + v.mean(dim=1))[:, None, None]
     cond, neg = img + shift(txt, vec), img + shift(neg_txt, neg_vec)
     torch.testing.assert_close(out, img - (neg + 4.0 * (cond - neg)))
-    assert model.batch_sizes == ([4] if neg_length == 5 else [2, 2])
+    assert model.batch_sizes == [4]  # both branches in one forward of 2B
+    # One guidance scale per sample (guidance distillation's teacher).
+    w = torch.tensor([4.0, 2.0])
+    _, per_sample = _one_step(TextShiftModel(), txt, vec, cfg_scale=w, uncond=(neg_txt, neg_vec))
+    torch.testing.assert_close(per_sample, img - (neg + w[:, None, None] * (cond - neg)))
+    with pytest.raises(ValueError, match="must match"):  # text of another length
+        _one_step(TextShiftModel(), txt, vec, cfg_scale=4.0, uncond=_text(2, length=9, seed=2))
 
 
 def test_cfg_accepts_one_empty_prompt_for_the_batch_and_needs_one():

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kontext import distill, flow, packing
+from kontext import distill, flow, packing, sampling
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
 from kontext.stages.flow import FlowStage
@@ -152,31 +152,26 @@ class GuidanceDistillStage(FlowStage):
         b, n_img = tokens.img.shape[0], tokens.n_img
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=generator, device=x.device).to(x.dtype)
-        img, img_ids = tokens.joint(flow.interpolate(tokens.img, noise, t))
+        z_t = flow.interpolate(tokens.img, noise, t)
         if w is None:
             w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)
         w = w.to(x)
-        target = self._teacher_target(img, img_ids, txt, t, vec, w, n_img)
-        return self._student_loss(img, img_ids, txt, t, vec, w, n_img, target)
+        target = self._teacher_target(tokens, z_t, txt, t, vec, w)
+        return self._student_loss(tokens, z_t, txt, t, vec, w, target)
 
-    def _teacher_target(self, img: Tensor, img_ids: Tensor, txt: Tensor, t: Tensor, vec: Tensor, w: Tensor,
-                        n_img: int) -> Tensor:
-        """The teacher's guided velocity on the target tokens (B, L_img, C) at the noisy input ``img``."""
-        b = img.shape[0]
-        txt_ids = packing.txt_ids(b, txt.shape[1], device=img.device)
-        teacher_g = None
-        if self.teacher.params.guidance_embed:
-            teacher_g = torch.full((b,), self.teacher_guidance, device=img.device, dtype=img.dtype)
-        return distill.teacher_guided_velocity(self.teacher, img, img_ids, txt, txt_ids, t, vec, self.uncond(txt),
-                                               w, n_img, guidance=teacher_g)
+    @torch.no_grad()
+    def _teacher_target(self, tokens: packing.KontextTokens, z_t: Tensor, txt: Tensor, t: Tensor, vec: Tensor,
+                        w: Tensor) -> Tensor:
+        """The teacher's guided velocity at guidance w on the target tokens (B, L_img, C) at ``z_t``."""
+        teacher_g = self.teacher_guidance if self.teacher.params.guidance_embed else None
+        return sampling.velocity(self.teacher, tokens, z_t, t, txt, vec, teacher_g, cfg_scale=w,
+                                 uncond=self.uncond(txt), compact=self.compact_text)
 
-    def _student_loss(self, img: Tensor, img_ids: Tensor, txt: Tensor, t: Tensor, vec: Tensor, w: Tensor,
-                      n_img: int, target: Tensor) -> Tensor:
+    def _student_loss(self, tokens: packing.KontextTokens, z_t: Tensor, txt: Tensor, t: Tensor, vec: Tensor,
+                      w: Tensor, target: Tensor) -> Tensor:
         """MSE of the student's velocity at guidance ``w`` on the target tokens against ``target``."""
-        short, extra = packing.model_text(txt, self.compact_text)  # exact: same outputs and gradients
-        txt_ids = packing.txt_ids(img.shape[0], short.shape[1], device=img.device)
-        pred = self.model(img, img_ids, short, txt_ids, t, vec, guidance=w, **extra)
-        return flow.flow_loss(packing.target_slice(pred, n_img), target)
+        pred = packing.predict(self.model, tokens, z_t, t, txt, vec, guidance=w, compact=self.compact_text)
+        return flow.flow_loss(pred, target)
 
     def _new_path(self, batch: dict, start: int, generator: torch.Generator) -> _Path:
         """A path for ``batch`` at step ``start`` of the schedule: from noise when ``start`` is 0,
@@ -197,15 +192,13 @@ class GuidanceDistillStage(FlowStage):
         if path is None or path.done:
             first = path is None
             path = self._paths[slot] = self._new_path(batch, slot if first else 0, generator)
-        b, n_img = path.x.shape[0], path.tokens.n_img
         t_now, t_next = path.times[path.step], path.times[path.step + 1]
-        t = torch.full((b,), t_now, device=path.x.device, dtype=path.x.dtype)
-        img, img_ids = path.tokens.joint(path.x)
-        target = self._teacher_target(img, img_ids, path.txt, t, path.vec, path.w, n_img)
-        loss = self._student_loss(img, img_ids, path.txt, t, path.vec, path.w, n_img, target)
-        path.x = path.x + (t_next - t_now) * target  # the teacher's guided Euler step
+        t = torch.full((path.x.shape[0],), t_now, device=path.x.device, dtype=path.x.dtype)
+        target = self._teacher_target(path.tokens, path.x, path.txt, t, path.vec, path.w)
+        loss = self._student_loss(path.tokens, path.x, path.txt, t, path.vec, path.w, target)
+        path.x = flow.euler_step(path.x, target, t_now, t_next)  # the teacher's guided Euler step
         path.step += 1
-        return loss, b
+        return loss, path.x.shape[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         generator = self.noise_generator(batch_idx, self.device)

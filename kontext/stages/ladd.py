@@ -185,26 +185,18 @@ class LADDStage(FlowStage):
         noise = self._randn(tokens.img)
         if self.reals_cfg["source"] == "data":
             return tokens.img, noise
-        b, r = x.shape[0], self.reals_cfg
+        r = self.reals_cfg
         times = flow.schedule(int(r["steps"]), tokens.n_img)
         guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
         cfg = float(r["cfg"])
-        x0 = denoise(self.teacher, noise, tokens.img_ids, tokens.ctx, tokens.ctx_ids,
-                     txt, packing.txt_ids(b, txt.shape[1], device=x.device), vec, times, guidance=guidance,
-                     cfg_scale=cfg, uncond=self.uncond(txt) if cfg != 1.0 else None)
+        x0 = denoise(self.teacher, tokens, noise, txt, vec, times, guidance=guidance, cfg_scale=cfg,
+                     uncond=self.uncond(txt) if cfg != 1.0 else None)
         return x0, noise
 
-    def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, text: tuple[Tensor, dict],
-                   vec: Tensor) -> Tensor:
-        """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,);
-        ``text`` is ``packing.model_text``'s (rows, extra arguments), computed once by the caller."""
-        b = x_t.shape[0]
-        img, img_ids = tokens.joint(x_t)
-        guidance = self._full(b, self.student_guidance, x_t) if self.params.guidance_embed else None
-        txt, extra = text
-        v = self.model(img, img_ids, txt, packing.txt_ids(b, txt.shape[1], device=x_t.device), t, vec, guidance,
-                       **extra)
-        return packing.target_slice(v, tokens.n_img)
+    def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
+        """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,)."""
+        guidance = self.student_guidance if self.params.guidance_embed else None
+        return packing.predict(self.model, tokens, x_t, t, txt, vec, guidance, self.compact_text)
 
     @torch.no_grad()
     def simulate(self, noise: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
@@ -213,10 +205,9 @@ class LADDStage(FlowStage):
         steps through the student times. Every batch takes all the steps, so that data-parallel
         ranks run the same forwards whatever their times."""
         times = sorted(set(self.student_timesteps), reverse=True)
-        text = packing.model_text(txt)  # exact: same outputs
         x, x_t = noise, noise.clone()
-        for now, after in zip(times, times[1:]):
-            x = x + (after - now) * self._student_v(x, self._full(x.shape[0], now, x), tokens, text, vec)
+        for now, after in zip(times, times[1:], strict=False):
+            x = flow.euler_step(x, self._student_v(x, self._full(x.shape[0], now, x), tokens, txt, vec), now, after)
             x_t = torch.where((t == after).view(-1, 1, 1), x, x_t)
         return x_t
 
@@ -231,19 +222,14 @@ class LADDStage(FlowStage):
             x_t = self.simulate(noise, t, tokens, txt, vec)
         else:
             x_t = flow.interpolate(x0, noise, t)
-        text = packing.model_text(txt)  # exact: same outputs and gradients
-        return distill.predict_x0(x_t, self._student_v(x_t, t, tokens, text, vec), t)
+        return distill.predict_x0(x_t, self._student_v(x_t, t, tokens, txt, vec), t)
 
     def features(self, x0: Tensor, t_hat: Tensor, noise: Tensor, tokens: packing.KontextTokens,
                  txt: Tensor, vec: Tensor) -> list[Tensor]:
         """Teacher features of x0 re-noised to t_hat, with the batch's context tokens and text."""
-        b = x0.shape[0]
-        img, img_ids = tokens.joint(distill.renoise(x0, noise, t_hat))
-        guidance = self._full(b, self.teacher_guidance, x0) if self.teacher.params.guidance_embed else None
-        grid = (tokens.height // packing.PATCH, tokens.width // packing.PATCH)
-        txt, extra = packing.model_text(txt)  # exact: same features
-        return block_features(self.teacher, self.feature_blocks, grid, img, img_ids, txt,
-                              packing.txt_ids(b, txt.shape[1], device=x0.device), t_hat, vec, guidance, **extra)
+        guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
+        return block_features(self.teacher, self.feature_blocks, tokens, distill.renoise(x0, noise, t_hat), t_hat,
+                              txt, vec, guidance, self.compact_text)
 
     def _t_hat(self, b: int, like: Tensor) -> Tensor:
         r = self.renoise_cfg
