@@ -26,17 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def matmul_peak(dtype, device, n: int = 2048, seconds: float = 1.5) -> float:
@@ -211,7 +202,7 @@ def main() -> None:
 
     import torch
 
-    from kontext.metrics import flux_flops
+    from kontext.metrics import cpu_name, flux_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

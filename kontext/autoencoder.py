@@ -80,7 +80,7 @@ EMBEDDED_PATH = Path(__file__).resolve().parent / "assets" / "embedded_ae.safete
 
 
 def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)
+    return F.silu(x)  # x * sigmoid(x), in one pass
 
 
 def Normalize(channels: int) -> nn.GroupNorm:

@@ -65,6 +65,47 @@ def batch_tokens(batch: dict, default_txt: int = 0) -> tuple[int, int, int]:
     return target.shape[0], n_img, n_txt
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), or what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """What ran a job, for reports: CPU, the instruction set PyTorch uses on it, threads, GPU."""
+    info = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Throughput(Callback):
+    """Training samples per second of a fit: from the first batch's start to the last one's end
+    (compilation, if any, included), counting each stage's `last_batch_size`."""
+
+    def __init__(self):
+        self.samples, self.start, self.end = 0, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += getattr(pl_module, "last_batch_size", 0)
+        self.end = time.perf_counter()
+
+    def summary(self) -> dict:
+        seconds = (self.end - self.start) if self.start is not None and self.end is not None else 0.0
+        return {"samples": self.samples, "seconds": round(seconds, 2),
+                "samples_per_s": round(self.samples / seconds, 2) if seconds > 0 else None}
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

@@ -26,6 +26,7 @@ from kontext import slurm
 from kontext.attention import set_attention_backend
 from kontext.checkpoint import find_resume_checkpoint
 from kontext.errors import KontextError
+from kontext.metrics import Throughput
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -95,6 +96,8 @@ def _run(cfg: DictConfig) -> dict:
     module = instantiate(cfg.stage)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    throughput = Throughput()
+    callbacks.append(throughput)
     if not loggers:  # the learning-rate monitor refuses to run without a logger; it has nothing to do
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -106,6 +109,7 @@ def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     timings["train"] = time.perf_counter() - start
+    module.throughput = throughput.summary()
     if (stop := slurm.stopped_for_requeue(trainer)) is not None:
         if trainer.is_global_zero:
             print(f"stopped at step {stop.stopped_at} for a requeue; checkpoint {stop.checkpoint}")

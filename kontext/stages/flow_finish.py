@@ -13,6 +13,7 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
                     benchmark: dict | None = None, export: bool = True) -> dict:
     from kontext.benchmark import run_benchmark
     from kontext.export import export as export_pipeline
+    from kontext.metrics import machine_info
 
     pipe = stage.pipeline()
     pipe.source = str(run_dir)
@@ -48,6 +49,9 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
     metrics = {
         "benchmark": report.flat_metrics() if report is not None else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "machine": machine_info(stage.device),
+        # This run's training (a resumed run: since the resume): what makes two machines' times differ.
+        "training": getattr(stage, "throughput", None),
         "steps": int(stage.trainer.global_step),
         "final_loss": stage.loss_history[-1][1] if stage.loss_history else None,
         "files": {k: str(v) for k, v in written.items()},
@@ -66,6 +70,9 @@ def summary_text(run_dir: Path, written: dict[str, Path], metrics: dict) -> str:
               "loss_curve": "loss curve", "export": "exported checkpoint"}
     lines += [f"  {label:<20} {written[k]}" for k, label in labels.items() if k in written]
     lines.append("  times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items()))
+    machine, training = metrics["machine"], metrics.get("training") or {}
+    speed = f", {training['samples_per_s']:.1f} training samples/s" if training.get("samples_per_s") else ""
+    lines.append(f"  machine: {machine['cpu']} ({machine['cpu_capability']}, {machine['threads']} threads){speed}")
     source = written.get("export", run_dir)
     lines += ["", "Edit an image with it:",
               f"  python sample.py checkpoint={source} image=path/to/image.png prompt='make the red circle blue'"
