@@ -117,6 +117,36 @@ def test_round_trip_equals_fresh_encoding(built, text):
             torch.testing.assert_close(got["vec"], feats.vec[0], atol=1e-5, rtol=1e-5)
 
 
+def test_repeated_images_and_prompts_are_encoded_once(tmp_path, text, monkeypatch):
+    """A data set whose samples share images and prompts (an edit chain: each target is the next
+    reference, and one edit twice): every distinct image and prompt reaches its encoder once,
+    and each sample's features are those of its own images."""
+    from kontext.data.format import Sample, encode_image
+    from kontext.data.writers import ShardWriter
+
+    chain = shapes_edit.make_chain(6, split="train", seed=1, size=S)
+    steps = [*range(6), 0]  # edit 0 again, under another key
+    with ShardWriter(str(tmp_path / "chain-%06d.tar"), maxcount=100) as writer:
+        for n, k in enumerate(steps):
+            writer.write(Sample(f"train-1-{n:09d}", chain.edits[k].instruction, encode_image(chain.renders[k + 1]),
+                                [encode_image(chain.renders[k])], {"task": chain.edits[k].op}))
+    ae, images, prompts = tiny_ae(), [], []
+    encode_image_batch, encode_text = ae.encode, text.encode
+    monkeypatch.setattr(ae, "encode", lambda x, **kw: (images.append(len(x)), encode_image_batch(x, **kw))[1])
+    monkeypatch.setattr(text, "encode", lambda p: (prompts.extend(p), encode_text(p))[1])
+    manifest = prepare_cache(tmp_path / "cache", writer.shards, ae, text, batch_size=3, max_area=S * S)
+    assert manifest.num_samples == 7
+    assert sum(images) == len(chain.renders) == 7  # 14 image slots, 7 distinct images
+    assert sorted(prompts) == sorted([e.instruction for e in chain.edits] + [""])  # each once, then the empty one
+    with torch.no_grad():
+        for batch in read_back(manifest):
+            for i, key in enumerate(batch["key"]):
+                k = steps[int(key.split("-")[-1])]
+                for got, render in ((batch["target_latent"][i], chain.renders[k + 1]),
+                                    (batch["reference_latents"][0][i], chain.renders[k])):
+                    torch.testing.assert_close(got, encode_image_batch(image(render))[0], atol=1e-2, rtol=0)
+
+
 def test_dropped_instructions_read_the_empty_prompt(built, text):
     _, manifest, _ = built
     empty = text.encode([""])
