@@ -279,3 +279,22 @@ def test_flow_stage_optimizer_is_fused_unless_autocast_clips():
                                   precision=precision)
         opt = stage.configure_optimizers()["optimizer"]
         assert bool(opt.defaults["fused"]) == fused and bool(opt.defaults["foreach"]) == (not fused)
+
+
+def test_flow_stage_clips_the_gradient_norm_in_one_pass():
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage
+
+    stage = FlowStage(FLUX_PRESETS["tiny"])
+    params = list(stage.model.parameters())
+    grads = [torch.randn_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    params[0].grad = None  # a parameter without gradient is left alone
+    opt = torch.optim.AdamW(params)
+    stage.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    kept = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads[1:]]))
+    for p, g in zip(params[1:], grads[1:], strict=True):  # every gradient scaled by 0.5 / norm
+        torch.testing.assert_close(p.grad, g * (0.5 / (kept + 1e-6)))
+    assert params[0].grad is None and norm > 0.5
