@@ -139,3 +139,23 @@ def test_entry_point_rejects_an_unknown_option(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: ") and "promt" in proc.stderr
+
+
+def test_the_run_summary_command_runs_as_printed(model_dir, images, tmp_path):
+    # A run directory named after its overrides holds `=` and `,`, which Hydra would parse.
+    import shlex
+    import shutil
+
+    from kontext.stages.flow_finish import summary_text
+
+    run_dir = tmp_path / "train" / "trainer.max_steps=3024,trainer.max_time=null"
+    export_dir = Path(shutil.copytree(model_dir, run_dir / "export"))
+    metrics = {"benchmark": None, "timings_s": {}, "training": None,
+               "machine": {"cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}}
+    text = summary_text(run_dir, {"export": export_dir}, metrics)
+    [command] = [line.strip() for line in text.splitlines() if line.strip().startswith("python sample.py")]
+    words = shlex.split(command.replace("path/to/image.png", str(images / "a.png")))
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *words[2:], "steps=2", "progress=false"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "edited.png").size == Image.open(images / "a.png").size

@@ -5,6 +5,8 @@ metrics JSON with the time of each phase, and a summary that says where everythi
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import time
 from pathlib import Path
 
@@ -75,6 +77,17 @@ def summary_text(run_dir: Path, written: dict[str, Path], metrics: dict) -> str:
     lines.append(f"  machine: {machine['cpu']} ({machine['cpu_capability']}, {machine['threads']} threads){speed}")
     source = written.get("export", run_dir)
     lines += ["", "Edit an image with it:",
-              f"  python sample.py checkpoint={source} image=path/to/image.png prompt='make the red circle blue'"
-              " output=edited.png", ""]
+              f"  python sample.py {override('checkpoint', source)} image=path/to/image.png"
+              f" {override('prompt', 'make the red circle blue')} output=edited.png", ""]
     return "\n".join(lines)
+
+
+def override(key: str, value) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value`: a run directory named
+    after its overrides (`.../trainer.max_steps=3024,trainer.max_time=null/export`) holds `=`
+    and `,`, which Hydra parses unless the value is quoted."""
+    text = str(value)
+    if re.fullmatch(r"[\w./@~+-]*", text) is None:
+        text = "'" + text.replace("'", "\\'") + "'"
+    word = f"{key}={text}"
+    return f'"{word}"' if re.search(r'["$`\\!]', word) is None else shlex.quote(word)
