@@ -116,24 +116,35 @@ def checkpoint_block(block: nn.Module, mode: str) -> None:
 
 
 def retained_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the tensors `fn` creates that are still alive when it returns: for a forward
+    """Bytes of the storages `fn` allocates that are still alive when it returns: for a forward
     pass, what it keeps for backward. Counted per storage at the dispatcher, so the numbers are
-    exact and the same on every machine (what checkpointing saves, measured without a profiler)."""
+    exact and the same on every machine (what checkpointing saves, measured without a profiler).
+    A storage counts only if an op made it: views of the weights or of the inputs (a linear's
+    transposed weight) are not new memory. Storages are told apart by identity, not address, so
+    this also counts a forward on the `meta` device, which allocates nothing."""
     import gc
 
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    seen: set[int] = set()
     made: dict[int, tuple] = {}
+
+    def storages(tree):
+        for t in tree_leaves(tree):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                yield ref.cdata, ref, t.untyped_storage().nbytes()
 
     class Track(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.update(key for key, _, _ in storages((args, kwargs)))
             out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    s = t.untyped_storage()
-                    made[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+            for key, ref, nbytes in storages(out):
+                if key not in seen:
+                    made[key] = (ref, nbytes)
+                seen.add(key)
             return out
 
     with Track():
