@@ -95,6 +95,23 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> 
     return path
 
 
+def read_text(path: Path, encoding: str, what: str, option: str) -> str:
+    """The text of a file (a byte-order mark dropped); an unreadable file, a wrong encoding or an
+    unknown codec is one line, naming `option` where it helps."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise KontextError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        return data.decode(encoding).removeprefix("\ufeff")
+    except LookupError as err:
+        raise KontextError(f"{option}={encoding}: unknown text encoding") from err
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise KontextError(f"{what} {path} is not {encoding} text (line {line}: byte 0x{data[err.start]:02x}); "
+                           f"convert it or give {option}=latin-1 (or its encoding)") from err
+
+
 def quote_text(text: str) -> str:
     """A single-quoted Hydra override value that composes to exactly `text`: quotes and the
     backslashes before them are escaped for Hydra, `${` for OmegaConf's interpolation."""

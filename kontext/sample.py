@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kontext.cli import check_int, check_writable
+from kontext.cli import check_int, check_writable, read_text
 from kontext.errors import KontextError
 
 BATCH_KEYS = {"image", "prompt", "output", "seed"}
@@ -119,19 +119,6 @@ def read_batch(path: str | os.PathLike, default_seed: int,
     if not cases and not bad:
         raise KontextError(f"batch file {path} has no cases (one JSON object per line)")
     return cases, bad
-
-
-def read_text(path: Path, encoding: str, what: str, option: str) -> str:
-    """The text of a file; a wrong encoding or an unknown codec is one line naming `option`."""
-    data = path.read_bytes()
-    try:
-        return data.decode(encoding)
-    except LookupError as err:
-        raise KontextError(f"{option}={encoding}: unknown text encoding") from err
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise KontextError(f"{what} {path} is not {encoding} text (line {line}: byte 0x{data[err.start]:02x}); "
-                           f"convert it or give {option}=latin-1 (or its encoding)") from err
 
 
 def load_references(cases: list[BatchCase], bad: list[tuple[int, str]], max_pixels: int | None) -> list[BatchCase]:

@@ -18,6 +18,7 @@ from the bytes, and the extension always matches it. An image over `max_pixels` 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -142,8 +143,12 @@ def check_key(key: str) -> str:
 
 
 def make_key(text: str) -> str:
-    """A valid key from a path-like string: every other character becomes '_'."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", text) or "_"
+    """A valid key from a path-like string: every other character becomes '_', and then a short
+    hash of the text is added, so that `über` and `_ber` stay two keys."""
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    if key == text and key:
+        return key
+    return f"{key}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def _feature_bytes(value: Any) -> bytes:
