@@ -34,6 +34,7 @@ from kontext.cli import read_text
 from kontext.data.format import (
     MAX_PIXELS,
     FormatError,
+    ImageTooLarge,
     Sample,
     decode_image,
     encode_image,
@@ -70,7 +71,12 @@ def read_image(path: Path, min_side: int = 16, max_pixels: int | None = MAX_PIXE
     if not path.is_file():
         raise FormatError(f"missing file: {path}")
     data = path.read_bytes()
-    open_image(io.BytesIO(data), max_pixels, name=str(path)).close()  # too large: refused unread
+    try:
+        open_image(io.BytesIO(data), max_pixels, name=str(path)).close()  # too large: refused unread
+    except ImageTooLarge:
+        raise
+    except Exception as e:
+        raise FormatError(f"unreadable image: {path}: {e}") from e
     try:
         image_format(data)
         img = decode_image(data, max_pixels)
