@@ -1,6 +1,7 @@
 """Edit or generate images with a trained model: compose the Hydra config, then sample.
 
     python sample.py checkpoint=outputs/train/default image=in.png prompt="make the red circle blue"
+    python sample.py checkpoint=exports/shapes image=in.png prompt="remove the couple's shadow, then make it red"
     python sample.py checkpoint=exports/shapes image=in.png 'turns=[remove the blue square,make the background black]'
     python sample.py checkpoint=exports/shapes batch=cases.jsonl
 
@@ -25,4 +26,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    hydra_guard(main, str(Path(__file__).resolve().parent / "configs"), config_name="sample")
+    # prompt=, negative_prompt= and the turns are free text: no Hydra quoting needed
+    hydra_guard(main, str(Path(__file__).resolve().parent / "configs"), config_name="sample",
+                text_keys=("prompt", "negative_prompt"), list_keys=("turns",))

@@ -9,7 +9,8 @@ Resizing uses LANCZOS and never crops, so the aspect ratio may change slightly.
 
 Any readable image becomes 8-bit RGB: transparency is composited onto white, greyscale is
 expanded, 16-bit and floating-point pixels are scaled to 8 bits. A missing, unreadable or
-truncated file is an :class:`ImageError` with a one-line message.
+truncated file, or one over ``max_pixels`` pixels (refused from its header, before decoding),
+is an :class:`ImageError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from kontext.data.buckets import preferred_size
+from kontext.data.format import MAX_PIXELS, ImageTooLarge, open_image
 from kontext.errors import KontextError
 
 MAX_AREA = 1024 * 1024
@@ -36,20 +38,20 @@ class ImageError(KontextError):
     """An input image that is missing, unreadable or unusable."""
 
 
-def load_image(source: ImageInput) -> Image.Image:
+def load_image(source: ImageInput, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """An 8-bit RGB image from a path or a PIL image (EXIF orientation applied for files)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+        raise ImageError(f"image not found: {path}" if not path.is_dir() else f"image {path} is a folder")
     try:
-        with Image.open(path) as img:
+        with open_image(path, max_pixels, name=str(path)) as img:
             img.load()  # decode now, so a truncated file fails here and not later
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image {path} is too large to open safely ({err})") from err
+    except ImageTooLarge as err:
+        raise ImageError(str(err)) from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"cannot read image {path}: not an image or the file is corrupt ({err})") from err
 
@@ -91,9 +93,10 @@ def check_output_size(width: int, height: int) -> tuple[int, int]:
     return max(MULTIPLE, int(width) // MULTIPLE * MULTIPLE), max(MULTIPLE, int(height) // MULTIPLE * MULTIPLE)
 
 
-def prepare_reference(source: ImageInput, max_area: int = MAX_AREA) -> Image.Image:
+def prepare_reference(source: ImageInput, max_area: int = MAX_AREA,
+                      max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Load one reference and resize it to its snapped size."""
-    img = load_image(source)
+    img = load_image(source, max_pixels)
     size = snap_size(*img.size, max_area=max_area)
     return img if img.size == size else img.resize(size, Image.LANCZOS, reducing_gap=3.0)
 

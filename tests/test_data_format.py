@@ -56,7 +56,8 @@ def test_format_refusals():
     with pytest.raises(FormatError, match="instruction"):
         from_record({"__key__": "a", "target.png": _png()})
     assert image_format(encode_image(Image.new("RGB", (4, 4)), "webp")) == "webp"
-    assert make_key("dir/a.b c") == "dir_a_b_c"
+    assert make_key("dir/a.b c").startswith("dir_a_b_c-") and make_key("ok-key_1") == "ok-key_1"
+    assert make_key("über") != make_key("_ber") == "_ber"
 
 
 def test_shard_writer_never_writes_a_half_sample(tmp_path):

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from tiny_kontext import tiny_pipeline
 
+from kontext.cli import text_overrides
 from kontext.export import export
 from kontext.pipeline import KontextPipeline
 from kontext.sample import run_sample
@@ -109,6 +110,39 @@ def test_batch_keeps_going_past_bad_lines(model_dir, pipe, images, tmp_path, cap
     assert same(tmp_path / "o2.png", pipe(None, "a blue circle", seed=9))  # the command's seed by default
     assert same(tmp_path / "o6.png", pipe([images / "a.png", images / "b.png"], "mix", seed=9))
     assert not (tmp_path / "o4.png").exists() and not (tmp_path / "o7.txt").exists()
+
+
+def test_batch_writes_every_valid_case_around_bad_ones(model_dir, pipe, images, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    lines = [
+        {"image": None, "prompt": "a blue circle", "output": str(tmp_path / "o1.png")},
+        {"image": None, "prompt": "x", "output": str(tmp_path / "a_file" / "o2.png")},  # parent is a file
+        {"image": None, "prompt": "x", "output": str(tmp_path / "o3.png"), "seed": 2**64},  # over 64 bits
+        {"image": str(images / "a.png"), "prompt": "x", "output": str(tmp_path / "o1.png")},  # o1.png again
+        {"image": str(images / "a.png"), "prompt": "färbe den Kreis rot, then remove the couple's shadow",
+         "output": str(tmp_path / "o5.png"), "seed": 2**64 - 1},
+    ]
+    batch = tmp_path / "cases.jsonl"
+    batch.write_bytes("\n".join(json.dumps(line, ensure_ascii=False) for line in lines).encode("latin-1"))
+    assert sample(model_dir, f"batch={batch}", "batch_encoding=latin-1") == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["wrote 2 of 5 cases; 3 failed:"]
+    assert err.splitlines() == [f"  line 2: output {tmp_path}/a_file/o2.png: {tmp_path}/a_file is a file, not a folder",
+                                f"  line 3: seed must be a whole number from -2**63 to 2**64-1, got {2**64}",
+                                f"  line 4: output {tmp_path}/o1.png is also the output of line 1"]
+    assert same(tmp_path / "o1.png", pipe(None, "a blue circle", seed=0))
+    assert same(tmp_path / "o5.png", pipe(images / "a.png", lines[4]["prompt"], seed=2**64 - 1))
+    assert not (tmp_path / "o3.png").exists()
+
+
+def test_a_prompt_is_text_as_typed(model_dir, pipe, images, tmp_path):
+    text = "remove the couple's shadow, then make it \"red\""
+    out = tmp_path / "out.png"
+    args = text_overrides([f"prompt={text}"], ["prompt"], ["turns"])  # what sample.py does with its argv
+    assert sample(model_dir, f"image={images / 'a.png'}", *args, f"output={out}") == 0
+    assert same(out, pipe(images / "a.png", text, seed=0))
+    assert sample(model_dir, "prompt=42", "width=32", "height=32", f"output={out}") == 0
+    assert same(out, pipe(None, "42", seed=0, width=32, height=32))
 
 
 def test_bad_invocations_are_one_line_errors(model_dir, tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from kontext.cli import parse_args
+from kontext.cli import check_int, check_writable, parse_args
 from kontext.errors import KontextError
 
 SHAPES_USAGE = """usage: python data/shapes_edit.py out=DIR [n=10000] [seed=0] [split=train] [size=64]
@@ -15,7 +15,9 @@ Writes Shapes-Edit cases start..start+n-1 of (split, seed) as PNG shards DIR/sha
 
 IMPORT_USAGE = """usage: python data/import_pairs.py out=DIR (folder=TARGETS [references=[REFS_A,REFS_B]] | manifest=FILE.jsonl)
     [prefix=pairs] [shard_size=1000] [task=null] [source=null] [min_side=16] [allow_empty=false] [report=FILE.json]
-Checks every pair and writes whole samples only; prints (and saves) what was skipped and why."""
+    [max_pixels=64000000] [encoding=utf-8]
+Checks every pair and writes whole samples only; prints (and saves) what was skipped and why.
+Text (manifest, captions) is read as `encoding` (e.g. latin-1); larger images than max_pixels are skipped."""
 
 INSPECT_USAGE = """usage: python data/inspect_shards.py shards=SPEC [grid=FILE.png] [grid_samples=16] [cell=128] [json=FILE.json]
 SPEC: a directory, a brace pattern (dir/shapes-{000000..000009}.tar), a glob or a URL."""
@@ -27,6 +29,12 @@ def shapes_edit_main(argv: list[str]) -> list[str]:
 
     a = parse_args(argv, {"out": "???", "n": 10000, "seed": 0, "split": "train", "size": 64, "mix": None,
                           "shard_size": 1000, "start": 0, "paraphrase": False}, SHAPES_USAGE)
+    check_int("n", a["n"], 1)
+    check_int("start", a["start"], 0)
+    check_int("shard_size", a["shard_size"], 1)
+    check_writable(a["out"], "out", folder=True)
+    if not (a["mix"] is None or isinstance(a["mix"], str)):
+        raise KontextError(f"mix must be text such as recolor=1,t2i=1, got {a['mix']!r}")
     try:
         shapes_edit.check_size(a["size"])
         shapes_edit.parse_mix(a["mix"])
@@ -41,23 +49,44 @@ def shapes_edit_main(argv: list[str]) -> list[str]:
 
 
 def import_main(argv: list[str]):
+    """Every argument is checked before any work; an import that writes nothing is an error."""
+    import codecs
+
+    from kontext.data.format import MAX_PIXELS
     from kontext.data.importers import import_folder, import_jsonl
     from kontext.data.writers import ShardWriter
 
     a = parse_args(argv, {"out": "???", "folder": None, "references": [], "manifest": None, "prefix": "pairs",
                           "shard_size": 1000, "task": None, "source": None, "min_side": 16,
-                          "allow_empty": False, "report": None}, IMPORT_USAGE)
+                          "allow_empty": False, "report": None, "max_pixels": MAX_PIXELS, "encoding": "utf-8"},
+                   IMPORT_USAGE)
     if (a["folder"] is None) == (a["manifest"] is None):
         raise KontextError("give exactly one of folder=... or manifest=...")
-    src = Path(a["folder"] or a["manifest"])
+    src = Path(str(a["folder"] if a["folder"] is not None else a["manifest"]))
     if not src.exists():
         raise KontextError(f"{src} does not exist")
-    refs = [a["references"]] if isinstance(a["references"], str) else list(a["references"])
+    if a["folder"] is not None and not src.is_dir():
+        raise KontextError(f"folder={src} is a file; give the folder of target images (or manifest={src})")
+    if a["manifest"] is not None and not src.is_file():
+        raise KontextError(f"manifest={src} is a folder; give the .jsonl file (or folder={src})")
+    refs = [a["references"]] if isinstance(a["references"], str) else list(a["references"] or [])
     for r in refs:
-        if not Path(r).is_dir():
+        if not Path(str(r)).is_dir():
             raise KontextError(f"reference folder {r} does not exist")
-    writer = ShardWriter(str(Path(a["out"]) / f"{a['prefix']}-%06d.tar"), maxcount=a["shard_size"])
-    common = {"task": a["task"], "source": a["source"], "min_side": a["min_side"], "allow_empty": a["allow_empty"]}
+    for key, minimum in (("shard_size", 1), ("min_side", 1), ("max_pixels", 1)):
+        check_int(key, a[key], minimum)
+    if not str(a["prefix"]) or any(c in str(a["prefix"]) for c in "/\\%"):
+        raise KontextError(f"prefix is the start of a shard's file name (no /, \\ or %), got {a['prefix']!r}")
+    try:
+        codecs.lookup(str(a["encoding"]))
+    except LookupError as e:
+        raise KontextError(f"encoding={a['encoding']}: unknown text encoding") from e
+    out = check_writable(a["out"], "out", folder=True)
+    if a["report"]:
+        check_writable(a["report"], "report")
+    writer = ShardWriter(str(out / f"{a['prefix']}-%06d.tar"), maxcount=a["shard_size"])
+    common = {"task": a["task"], "source": a["source"], "min_side": a["min_side"], "allow_empty": a["allow_empty"],
+              "max_pixels": a["max_pixels"], "encoding": str(a["encoding"])}
     if a["folder"] is not None:
         report = import_folder(src, refs, writer, **common)
     else:
@@ -66,7 +95,10 @@ def import_main(argv: list[str]):
     for item, reason in report.skipped[:20]:
         print(f"  skipped {item}: {reason}")
     if a["report"]:
-        report.to_json(a["report"])
+        Path(a["report"]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(Path(a["report"]).expanduser())
+    if not report.written:
+        raise KontextError(f"no samples written from {src}: {len(report.skipped)} skipped (reasons above)")
     return report
 
 

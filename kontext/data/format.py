@@ -12,14 +12,17 @@ ends at the first dot). One sample `<key>` holds:
     <key>.features.safetensors    as single .npy arrays or one safetensors blob of named tensors
 
 Image bytes are stored as given (a PNG round-trips bit-exactly); the format is recognised
-from the bytes, and the extension always matches it.
+from the bytes, and the extension always matches it. An image over `max_pixels` (default
+`MAX_PIXELS`) is refused from its header, before a pixel is decoded (a decompression-bomb guard).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +36,40 @@ FEATURES = "features.safetensors"
 KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
 _REF_RE = re.compile(r"ref(\d+)\.(png|jpg|jpeg|webp)")
 _TARGET_RE = re.compile(r"target\.(png|jpg|jpeg|webp)")
+MAX_PIXELS = 64_000_000  # the default limit on width x height of any image read
 
 
 class FormatError(ValueError):
     """A sample that does not follow the shard format; the message says why."""
+
+
+class ImageTooLarge(FormatError):
+    """An image whose header states more pixels than the limit."""
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> None:
+    """ImageTooLarge if a (width, height) exceeds `max_pixels` (None: no limit)."""
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLarge(f"image too large: {f'{name} is ' if name else ''}{w}x{h} pixels ({w * h / 1e6:.1f} MP), "
+                            f"over the limit of {max_pixels / 1e6:.1f} MP (max_pixels={max_pixels})")
+
+
+def open_image(fp, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """`Image.open` (lazy: nothing decoded yet) whose size is checked from the header. Pillow's own
+    bomb guard (a warning, then an error at twice its limit) is replaced by this one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(f"image too large: {f'{name}: ' if name else ''}{e}") from e
+    try:
+        check_pixels(img.size, max_pixels, name)
+    except ImageTooLarge:
+        img.close()
+        raise
+    return img
 
 
 @dataclass
@@ -77,22 +110,28 @@ def encode_image(img: Image.Image, fmt: str = "png", quality: int = 95) -> bytes
     return buf.getvalue()
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone; FormatError if the bytes are not an image."""
+def image_size(data: bytes, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone; FormatError if the bytes are not an image,
+    ImageTooLarge if it has more than `max_pixels` pixels."""
     image_format(data)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(io.BytesIO(data), max_pixels) as img:
             return img.size
+    except ImageTooLarge:
+        raise
     except Exception as e:
         raise FormatError(f"unreadable image header: {e}") from e
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decoded RGB image; FormatError if any part of the file is broken."""
+def decode_image(data: bytes, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Fully decoded RGB image; FormatError if any part of the file is broken, ImageTooLarge
+    (before decoding) if it has more than `max_pixels` pixels."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(io.BytesIO(data), max_pixels)
         img.load()
         return img if img.mode == "RGB" else img.convert("RGB")
+    except ImageTooLarge:
+        raise
     except Exception as e:
         raise FormatError(f"undecodable image: {e}") from e
 
@@ -104,8 +143,12 @@ def check_key(key: str) -> str:
 
 
 def make_key(text: str) -> str:
-    """A valid key from a path-like string: every other character becomes '_'."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", text) or "_"
+    """A valid key from a path-like string: every other character becomes '_', and then a short
+    hash of the text is added, so that `über` and `_ber` stay two keys."""
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    if key == text and key:
+        return key
+    return f"{key}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def _feature_bytes(value: Any) -> bytes:
