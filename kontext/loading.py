@@ -159,7 +159,7 @@ def model_params(config: Path):
 def _read_checkpoint(path: Path) -> dict:
     import zipfile
 
-    from kontext.checkpoint import load_file
+    from kontext.checkpoint import _why, load_file
 
     if not zipfile.is_zipfile(path):
         raise KontextError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file")
@@ -167,7 +167,7 @@ def _read_checkpoint(path: Path) -> dict:
         # mmap: only the tensors used (the EMA weights) are read, not the optimizer states.
         ckpt = load_file(path, mmap=True)
     except Exception as err:
-        raise KontextError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+        raise KontextError(f"cannot read checkpoint {path}: {_why(err)}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise KontextError(f"{path} is not a Lightning checkpoint (no state_dict)")
     return ckpt["state_dict"]
