@@ -78,11 +78,14 @@ def load_file(path: str | os.PathLike, mmap: bool = False) -> dict:
 
 class _MetadataUnpickler(pickle.Unpickler):
     """The unpickler of a sharded folder's `.metadata`: the classes of torch's distributed
-    checkpoint metadata, dtypes and sizes, and nothing else."""
+    checkpoint metadata, dtypes, layouts, sizes and paths, and nothing else."""
+
+    FUNCTIONS = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath")}
 
     def find_class(self, module: str, name: str):
         value = getattr(torch, name, None) if module == "torch" else None
-        if (module == "torch.distributed.checkpoint.metadata" or (module, name) == ("collections", "OrderedDict")
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.FUNCTIONS
                 or name == "Size" and module == "torch"
                 or isinstance(value, torch.dtype | torch.layout | torch.memory_format)):
             return super().find_class(module, name)

@@ -382,3 +382,27 @@ def test_malicious_checkpoint_of_a_run_is_not_loaded(run_dir, tmp_path):
     with pytest.raises(KontextError, match="os.makedirs"):
         load_pipeline(run_dir)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_ten_percent_corrupt_samples_train_to_the_end_with_the_exact_count(tmp_path, random_ae):  # noqa: F811
+    """36 readable and 4 corrupt samples (10%), one exact epoch of batches of 4: 9 steps, and the
+    skipped samples by reason in metrics.json and the logger."""
+    import csv
+    import json
+
+    records = [_good(f"g{i:02d}") for i in range(36)]
+    for i in range(4):
+        records.insert(10 * i + 5, _bad(f"b{i}"))
+    shards = _write_shards(tmp_path / "shards", {"a.tar": records[:20], "b.tar": records[20:]})
+    cfg = compose_train([*_image_data(tmp_path, random_ae, shards), "data.mode=exact", "data.batch_size=4",
+                         "trainer.max_steps=-1", "trainer.max_epochs=1", "stage.finish.export=false",
+                         "trainer.log_every_n_steps=1"])
+    metrics = run(cfg)
+    expected = {"seen": 40, "corrupt": 4, "reasons": {"unreadable image header": 4}}
+    assert metrics["steps"] == 9 and metrics["data"] == expected
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"] == expected
+    with open(next((tmp_path / "run" / "csv").glob("version_*")) / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("data/skipped")]
+    assert [(float(r["data/seen"]), float(r["data/skipped"]), float(r["data/skipped/unreadable image header"]))
+            for r in logged] == [(40, 4, 4)]
