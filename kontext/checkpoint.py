@@ -250,7 +250,7 @@ def checkpoint_step(path: Path) -> int:
             "truncated or not a PyTorch checkpoint (no zip directory)"
         raise CheckpointError(f"checkpoint {path} is {what}")
     state = read_state(path)
-    if not isinstance(state.get("global_step"), int):
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no global_step)")
     return state["global_step"]
 

@@ -125,9 +125,9 @@ def _run(cfg: DictConfig) -> dict:
         return {"steps": stop.stopped_at, "requeued": requeued, "checkpoint": stop.checkpoint}
     if trainer.global_step == 0:
         skipped = module.data_stats or {}
-        raise KontextError(f"trained 0 steps, so nothing is benchmarked or exported: the data yielded no batch "
-                           f"({skipped.get('seen', '?')} samples read, {skipped.get('corrupt', '?')} skipped "
-                           f"{skipped.get('reasons', {})}); check data.shards")
+        raise KontextError(f"trained 0 steps, so nothing is benchmarked or exported ({skipped.get('seen', '?')} "
+                           f"samples read, {skipped.get('corrupt', '?')} skipped {skipped.get('reasons', {})}); "
+                           "check data.shards and trainer.max_steps / max_epochs")
 
     summary: dict = {}
     if hasattr(module, "finish") and trainer.is_global_zero and not trainer.fast_dev_run:
