@@ -396,6 +396,7 @@ def test_ten_percent_corrupt_samples_train_to_the_end_with_the_exact_count(tmp_p
         records.insert(10 * i + 5, _bad(f"b{i}"))
     shards = _write_shards(tmp_path / "shards", {"a.tar": records[:20], "b.tar": records[20:]})
     cfg = compose_train([*_image_data(tmp_path, random_ae, shards), "data.mode=exact", "data.batch_size=4",
+                         "data.t2i_fraction=0",  # one bucket signature: 9 full batches
                          "trainer.max_steps=-1", "trainer.max_epochs=1", "stage.finish.export=false",
                          "trainer.log_every_n_steps=1"])
     metrics = run(cfg)
@@ -406,3 +407,13 @@ def test_ten_percent_corrupt_samples_train_to_the_end_with_the_exact_count(tmp_p
         logged = [row for row in csv.DictReader(f) if row.get("data/skipped")]
     assert [(float(r["data/seen"]), float(r["data/skipped"]), float(r["data/skipped/unreadable image header"]))
             for r in logged] == [(40, 4, 4)]
+
+
+def test_run_config_with_a_python_yaml_tag_is_one_line(run_dir, tmp_path):
+    from kontext.loading import load_pipeline
+
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(f"evil: !!python/object/apply:os.makedirs ['{tmp_path / 'PWNED'}']\n{text}")
+    with pytest.raises(KontextError, match=r"^cannot read run config .*config.yaml: could not determine a constructor"):
+        load_pipeline(run_dir)
+    assert not (tmp_path / "PWNED").exists()
