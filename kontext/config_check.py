@@ -35,11 +35,9 @@ class Num:
         if value is None and self.null:
             return None
         kinds = (int, float) if self.real else (int,)
-        if isinstance(value, bool) or not isinstance(value, kinds) or (self.real and not math.isfinite(value)):
-            return f"expected {'a number' if self.real else 'an integer'}{self._range()}"
-        if value < self.lo or value > self.hi or (self.below_hi and value == self.hi):
-            return f"expected {'a number' if self.real else 'an integer'}{self._range()}"
-        return None
+        ok = (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+              and self.lo <= value <= self.hi and not (self.below_hi and value == self.hi))
+        return None if ok else f"expected {'a number' if self.real else 'an integer'}{self._range()}"
 
     def _range(self) -> str:
         lo, hi = _fmt(self.lo), _fmt(self.hi)
@@ -100,7 +98,7 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-INT, COUNT, POSITIVE = Num(), Num(0), Num(1)
+COUNT, POSITIVE = Num(0), Num(1)
 FRACTION = Num(0, 1, real=True)
 STEPS = Num(-1)  # -1: no limit
 
