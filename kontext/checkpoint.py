@@ -5,15 +5,25 @@ A checkpoint is a file (one process, or FSDP gathering to rank 0) or a folder of
 checkpoint shards plus `meta.pt` (FSDP, `save_distributed_checkpoint`). Either is written under
 a `.partial` name and renamed into place once every rank has finished, so a crash mid-save
 leaves a `.partial` that nothing reads and every earlier checkpoint intact. `resume=auto` takes
-the complete checkpoint with the highest step. A sharded checkpoint consolidates to a plain
-state dict in one process, without a process group, e.g. for a reference-format export:
+the complete checkpoint with the highest step.
+
+Reading a checkpoint never runs code from it: pickled records are loaded with
+`torch.load(weights_only=True)` and an allow-list of the project's parameter dataclasses
+(`safe_globals`), also on Lightning's resume path; a sharded folder's pickled metadata passes
+a restricted unpickler first. A file that is damaged or holds anything else is skipped by
+`resume=auto` with one line naming it. A sharded checkpoint consolidates to a plain state dict
+in one process, without a process group, e.g. for a reference-format export:
 
     python -m kontext.checkpoint RUN_DIR/checkpoints/last.ckpt transformer.safetensors [--raw]
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
+import re
 import shutil
 import warnings
 import zipfile
@@ -27,6 +37,70 @@ from kontext.errors import KontextError
 PARTIAL = ".partial"
 REPLACED = ".old"  # a finished checkpoint moved aside while its successor is renamed into place
 META = "meta.pt"   # Lightning's non-tensor state inside a sharded checkpoint folder
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(KontextError):
+    """A checkpoint that is damaged, or holds something other than tensors and plain state."""
+
+
+def safe_globals() -> contextlib.AbstractContextManager:
+    """What `torch.load(weights_only=True)` may build besides tensors and plain containers: the
+    parameter dataclasses a stage keeps among its hyperparameters."""
+    from kontext.autoencoder import AutoEncoderParams
+    from kontext.model import FluxParams
+
+    return torch.serialization.safe_globals([AutoEncoderParams, FluxParams])
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every `torch.load` inside (Lightning's resume and torch's distributed checkpoint reader
+    included, which ask for full unpickling in places) is weights-only with `safe_globals`."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with safe_globals():
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def load_file(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A `torch.save` file, restricted to tensors, plain containers and `safe_globals`."""
+    with safe_globals():
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """The unpickler of a sharded folder's `.metadata`: the classes of torch's distributed
+    checkpoint metadata, dtypes, layouts, sizes and paths, and nothing else."""
+
+    FUNCTIONS = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath")}
+
+    def find_class(self, module: str, name: str):
+        value = getattr(torch, name, None) if module == "torch" else None
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.FUNCTIONS
+                or name == "Size" and module == "torch"
+                or isinstance(value, torch.dtype | torch.layout | torch.memory_format)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
+
+
+def _why(err: Exception) -> str:
+    """A checkpoint read error in a few words."""
+    text = str(err)
+    if m := re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", text):
+        return f"it holds code or objects outside the allow-list ({(m[1] or m[2]).rstrip('.,:')}), not loaded"
+    if isinstance(err, pickle.UnpicklingError | EOFError):
+        return "its pickled record is garbled"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(err).__name__
 
 
 class AtomicCheckpoint(ModelCheckpoint):
@@ -154,33 +228,72 @@ def is_complete(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's pickled state (its tensors mapped, not read; a sharded folder's `meta.pt`),
+    which checks the whole record. A damaged or untrusted checkpoint is a `CheckpointError`."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            with open(path / ".metadata", "rb") as f:
+                _MetadataUnpickler(f).load()
+            return load_file(path / META, mmap=True) if (path / META).is_file() else {}
+        return load_file(path, mmap=True)
+    except Exception as err:  # torch.load and pickle raise many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is unusable: {_why(err)}") from err
+
+
 def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was saved at (reads only its small, non-tensor part)."""
-    meta = path / META if path.is_dir() else path
-    state = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
-    return int(state.get("global_step", -1))
+    """The global step a checkpoint was saved at, once the checkpoint has been checked whole."""
+    path = Path(path)
+    if not is_complete(path):
+        what = "a sharded checkpoint folder without its metadata" if path.is_dir() else \
+            "truncated or not a PyTorch checkpoint (no zip directory)"
+        raise CheckpointError(f"checkpoint {path} is {what}")
+    state = read_state(path)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no global_step)")
+    return state["global_step"]
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints in `ckpt_dir`, oldest step first (ties: older file first)."""
+    """Intact checkpoints in `ckpt_dir`, oldest step first (ties: older file first); each damaged
+    one is logged in one line and left out."""
+    return [path for path, _ in _scan(Path(ckpt_dir))[0]]
+
+
+def _scan(ckpt_dir: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
     if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir()
-             if (p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + REPLACED)) and is_complete(p)]
-    return sorted(found, key=lambda p: (checkpoint_step(p), p.stat().st_mtime))
+        return [], []
+    intact, damaged = [], []
+    for p in ckpt_dir.iterdir():
+        if not (p.name.endswith(".ckpt") or p.name.endswith(".ckpt" + REPLACED)):
+            continue  # a `.partial` is a write that never finished: not a checkpoint
+        try:
+            intact.append((p, checkpoint_step(p)))
+        except CheckpointError as err:
+            log.warning("skipped: %s", err)
+            damaged.append(p)
+    return sorted(intact, key=lambda ps: (ps[1], ps[0].stat().st_mtime)), sorted(damaged)
 
 
 def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
-    """`resume`: null/false = start fresh; `auto` = the complete checkpoint in `ckpt_dir` with the
-    highest step (none: start fresh); anything else is a path that must exist."""
+    """`resume`: null/false = start fresh; `auto` = the intact checkpoint in `ckpt_dir` with the
+    highest step (none at all: start fresh; only damaged ones: an error, since starting over
+    must be asked for); anything else is a path to an intact checkpoint."""
     if resume in (None, False, "none", "null"):
         return None
     if resume == "auto":
-        found = complete_checkpoints(Path(ckpt_dir))
-        return str(found[-1]) if found else None
+        intact, damaged = _scan(Path(ckpt_dir))
+        if intact:
+            return str(intact[-1][0])
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint to resume from in {ckpt_dir} (damaged: "
+                                  f"{', '.join(p.name for p in damaged)}); resume=null starts afresh")
+        return None
     path = Path(str(resume))
     if not path.exists():
-        raise KontextError(f"resume checkpoint not found: {path}")
+        raise CheckpointError(f"resume checkpoint not found: {path}")
+    checkpoint_step(path)
     return str(path)
 
 
@@ -193,8 +306,8 @@ def consolidate(path: str | os.PathLike, prefix: str = "state_dict.") -> dict[st
     path = Path(path)
     if not is_complete(path) and not (path / ".metadata").is_file():
         raise KontextError(f"not a complete checkpoint: {path}")
+    state = read_state(path)
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
         flat = _flatten(state)
         return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and torch.is_tensor(v)}
 
@@ -225,9 +338,7 @@ def _flatten(tree, prefix: str = "") -> dict:
 def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
     """A flow-stage checkpoint's transformer (EMA or raw weights) as a reference-format
     safetensors file; the architecture comes from the run's `config.yaml` beside `checkpoints/`."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+    from kontext.loading import model_params
     from kontext.model import build_flux, save_flux
     from kontext.weights import load_into
 
@@ -235,7 +346,7 @@ def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: boo
     config = ckpt.resolve().parent.parent / "config.yaml"
     if not config.is_file():
         raise KontextError(f"{config} not found: the run's config names the architecture")
-    params = instantiate(OmegaConf.load(config).model)
+    params = model_params(config)
     weights = consolidate(ckpt, prefix="state_dict.ema.model." if ema else "state_dict.model.")
     model = build_flux(params, device="meta")
     load_into(model, weights, what=f"{'EMA' if ema else 'raw'} weights of {ckpt}", assign=True)

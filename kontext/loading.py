@@ -10,7 +10,9 @@ Sources:
   local T5 / CLIP folders.
 
 Every problem with the source (missing file, unreadable config, weights whose names or shapes
-do not fit the config) is a one-line :class:`KontextError`.
+do not fit the config) is a one-line :class:`KontextError`. A config read from disk builds only
+the project's own classes (`BUILDS`) and holds no interpolation, and a checkpoint is read
+weights-only (:mod:`kontext.checkpoint`): loading someone else's run never runs their code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from kontext.pipeline import KontextPipeline
 
 EMA_PREFIX = "ema.model."
 EXPORT_FORMAT = "kontext-export"
+# What each section of a run's config may build (`_target_`, at any depth).
+BUILDS = {
+    "model": {"kontext.model.FluxParams"},
+    "autoencoder": {"kontext.autoencoder.AutoEncoderParams", "kontext.autoencoder.load_autoencoder"},
+    "text": {"kontext.text.build_text_encoder"},
+}
 
 
 def load_pipeline(source: str | os.PathLike, **kwargs) -> KontextPipeline:
@@ -53,17 +61,37 @@ def _load_yaml(path: Path):
     if not path.is_file():
         raise KontextError(f"run config not found: {path}")
     try:
-        return OmegaConf.load(path)
+        cfg = OmegaConf.load(path)
+        text = OmegaConf.to_yaml(cfg)  # raw: nothing is resolved
     except Exception as err:  # yaml and omegaconf raise many types
         raise KontextError(f"cannot read run config {path}: {_first_line(err)}") from err
+    if "${" in text:  # a run stores its config resolved; an interpolation could call a resolver
+        line = next(line.strip() for line in text.splitlines() if "${" in line)
+        raise KontextError(f"run config {path} holds an interpolation ({line[:80]}); a run's config is stored resolved")
+    return cfg
+
+
+def _targets(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
 
 
 def _instantiate(section, what: str, where: Path):
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     if section is None:
         raise KontextError(f"{where} has no '{what}' section")
+    if not isinstance(section, DictConfig):
+        raise KontextError(f"the {what} section of {where} is {section!r}, not a mapping")
+    for target in _targets(OmegaConf.to_container(section)):
+        if target not in BUILDS[what]:
+            raise KontextError(f"the {what} section of {where} names {target!r}, which is not built from a run's "
+                               f"config (allowed: {', '.join(sorted(BUILDS[what]))})")
     try:
         return instantiate(section, _convert_="all")
     except KontextError:
@@ -123,16 +151,23 @@ def sampler_defaults_from_run(cfg) -> dict:
     return sampler
 
 
+def model_params(config: Path):
+    """The `FluxParams` of a run's `config.yaml`."""
+    return _instantiate(_load_yaml(config).get("model"), "model", config)
+
+
 def _read_checkpoint(path: Path) -> dict:
     import zipfile
+
+    from kontext.checkpoint import _why, load_file
 
     if not zipfile.is_zipfile(path):
         raise KontextError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file")
     try:
         # mmap: only the tensors used (the EMA weights) are read, not the optimizer states.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_file(path, mmap=True)
     except Exception as err:
-        raise KontextError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+        raise KontextError(f"cannot read checkpoint {path}: {_why(err)}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise KontextError(f"{path} is not a Lightning checkpoint (no state_dict)")
     return ckpt["state_dict"]

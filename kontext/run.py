@@ -3,14 +3,17 @@
 The run is config-driven and stage-agnostic: `cfg.prepare` lists idempotent steps that must
 hold before training (generate shards, cache features), `cfg.data` is a LightningDataModule,
 `cfg.stage` the LightningModule, and a stage that defines `finish(run_dir, datamodule)`
-gets it after fitting (benchmark, export, summary). Errors about the user's input are
-printed as one line (see :mod:`kontext.errors`).
+gets it after fitting (benchmark, export, summary). Every config value is checked before
+anything is built (:mod:`kontext.config_check`), a run that trained no step stops with an error
+instead of finishing, and errors about the user's input are printed as one line (see
+:mod:`kontext.errors`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -19,15 +22,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kontext import slurm
 from kontext.attention import set_attention_backend
-from kontext.checkpoint import find_resume_checkpoint
+from kontext.checkpoint import find_resume_checkpoint, weights_only_loads
+from kontext.config_check import check_config
 from kontext.errors import KontextError
 from kontext.metrics import Throughput
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -78,9 +83,11 @@ def one_line(err: BaseException) -> str:
 
 
 def _run(cfg: DictConfig) -> dict:
+    check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     slurm.install()  # first: a preemption signal from now on only sets a flag (kontext/slurm.py)
+    ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     set_attention_backend(cfg.get("attention", "auto"))
     if cfg.get("threads"):
@@ -97,7 +104,7 @@ def _run(cfg: DictConfig) -> dict:
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     throughput = Throughput()
-    callbacks.append(throughput)
+    callbacks += [throughput, DataStats()]
     if not loggers:  # the learning-rate monitor refuses to run without a logger; it has nothing to do
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -105,16 +112,22 @@ def _run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    with weights_only_loads():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     timings["train"] = time.perf_counter() - start
     module.throughput = throughput.summary()
+    module.data_stats = data_stats(datamodule)
     if (stop := slurm.stopped_for_requeue(trainer)) is not None:
         if trainer.is_global_zero:
             print(f"stopped at step {stop.stopped_at} for a requeue; checkpoint {stop.checkpoint}")
         requeued = stop.requeue_job(trainer)
         return {"steps": stop.stopped_at, "requeued": requeued, "checkpoint": stop.checkpoint}
+    if trainer.global_step == 0:
+        skipped = module.data_stats or {}
+        raise KontextError(f"trained 0 steps, so nothing is benchmarked or exported ({skipped.get('seen', '?')} "
+                           f"samples read, {skipped.get('corrupt', '?')} skipped {skipped.get('reasons', {})}); "
+                           "check data.shards and trainer.max_steps / max_epochs")
 
     summary: dict = {}
     if hasattr(module, "finish") and trainer.is_global_zero and not trainer.fast_dev_run:
@@ -122,6 +135,27 @@ def _run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     return summary
+
+
+def data_stats(datamodule) -> dict | None:
+    """Samples read and skipped (by reason) by this rank's training loader, if it counts them."""
+    return datamodule.stats() if hasattr(datamodule, "stats") else None
+
+
+class DataStats(Callback):
+    """Logs the training data's read and skipped samples (by reason) when training ends."""
+
+    def on_train_end(self, trainer, pl_module):
+        stats = data_stats(trainer.datamodule)
+        if not stats:
+            return
+        if stats["corrupt"]:
+            log.warning("skipped %d unreadable samples or shards of %d samples read: %s",
+                        stats["corrupt"], stats["seen"], stats["reasons"])
+        metrics = {"data/seen": stats["seen"], "data/skipped": stats["corrupt"],
+                   **{f"data/skipped/{reason}": n for reason, n in stats["reasons"].items()}}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class Progress(TQDMProgressBar):

@@ -251,3 +251,65 @@ def test_checkpoint_exports_reference_weights(straight, tmp_path):
         loaded = load_flux(out).state_dict()
         expected = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def _train_and_die_at_publish(cfg, nth: int, after: bool) -> None:
+    """Train; SIGKILL just before (or just after) the `nth` checkpoint is renamed into place."""
+    import kontext.checkpoint
+
+    torch.set_num_threads(1)
+    publish, calls = kontext.checkpoint.publish, []
+
+    def publish_then_kill(partial, final):
+        calls.append(final)
+        if len(calls) == nth and not after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(partial, final)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    kontext.checkpoint.publish = publish_then_kill
+    run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nth", "after", "resumes_from"), [(3, False, 3), (3, True, 6), (4, False, 6), (4, True, 6)])
+def test_kill_around_publish_resumes_from_newest_complete(data_root, random_ae, straight, nth, after, resumes_from):  # noqa: F811
+    """Killed with step 6's periodic checkpoint (publish 3) or `last` (publish 4) fully written,
+    before or after its rename: resume=auto takes the newest complete checkpoint, and no step is
+    lost or repeated."""
+    run_dir = data_root / f"published{nth}{after}"
+    cfg = compose_train(overrides(data_root, random_ae, run_dir))
+    child = multiprocessing.get_context("fork").Process(target=_train_and_die_at_publish, args=(cfg, nth, after))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    ckpts = run_dir / "checkpoints"
+    assert final_state_step(Path(find_resume_checkpoint("auto", ckpts))) == resumes_from
+    run(cfg)
+    assert not any(p.name.endswith(".partial") for p in ckpts.iterdir())
+    assert_same_run(run_dir, straight, logged_from=resumes_from)
+
+
+def test_resume_skips_damaged_and_untrusted_checkpoints(data_root, random_ae, straight, tmp_path):  # noqa: F811
+    """A garbled `last.ckpt` and a newer-named checkpoint whose pickle holds a callable: resume=auto
+    skips both (the callable never runs) and continues exactly from the newest intact one."""
+    import shutil
+
+    from test_bad_input_training import Payload, _garble
+
+    run_dir = data_root / "damaged"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("step0000003.ckpt", "step0000006.ckpt", "last.ckpt"):
+        shutil.copy(straight / "checkpoints" / name, ckpts / name)
+    shutil.copy(straight / "checkpoints" / "step0000006.ckpt", ckpts / "last.ckpt")
+    _garble(ckpts / "last.ckpt")
+    torch.save({"global_step": 11, "x": Payload(tmp_path / "PWNED")}, ckpts / "step0000011.ckpt")
+    assert find_resume_checkpoint("auto", ckpts) == str(ckpts / "step0000006.ckpt")
+    run(compose_train(overrides(data_root, random_ae, run_dir)))
+    assert not (tmp_path / "PWNED").exists()
+    a, b = (torch.load(d / "checkpoints" / f"step{STEPS:07d}.ckpt", weights_only=True) for d in (straight, run_dir))
+    assert b["global_step"] == STEPS
+    assert_same_tensors(b["state_dict"], a["state_dict"], "weights")
+    assert_same_tensors(b["optimizer_states"], a["optimizer_states"], "optimizer")

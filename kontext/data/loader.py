@@ -34,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kontext.data.stream import StreamConfig, WorkerStream
+from kontext.data.stream import DataError, StreamConfig, WorkerStream
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,15 @@ class KontextLoader:
                 yield batch
             self.finished = True
             self._report(final=True)
+            if not n and not resumed:
+                s = self.stats
+                raise DataError(f"no readable data: an epoch over {len(self.urls)} shard(s) ({self._shard_names()}) "
+                                f"yielded no batch; {s['seen']} samples read, {s['corrupt']} skipped {s['reasons']}")
             if n or not resumed:  # a resumed epoch that was already complete: go on to the next
                 return
+
+    def _shard_names(self) -> str:
+        return ", ".join(self.urls[:5]) + (f" and {len(self.urls) - 5} more" if len(self.urls) > 5 else "")
 
     def _epoch(self) -> Iterator[dict]:
         rank, world = self.rank_world
@@ -153,6 +160,8 @@ class KontextLoader:
             worker, index = batch.pop("_worker"), batch.pop("_batch")
             self._live[worker] = batch.pop("_stats")
             if index is None:
+                if batch.get("_error"):
+                    raise DataError(batch["_error"])
                 continue
             self.done[worker] = index + 1
             self._report()
@@ -213,18 +222,19 @@ class KontextDataModule(L.LightningDataModule):
                  reference_size: str = "bucket", t2i_fraction: float = 0.0,
                  instruction_dropout: float = 0.0, shuffle_buffer: int = 1000, seed: int = 0,
                  payload: str = "image", empty_prompt: str | None = None,
-                 max_bad_fraction: float = 0.5, pin_memory: bool = False,
+                 max_bad_fraction: float = 0.5, max_consecutive_bad: int = 100, pin_memory: bool = False,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.train_cfg = StreamConfig(
             batch_size=batch_size, mode=mode, max_area=bucket_area, max_aspect=max_aspect,
             reference_size=reference_size, t2i_fraction=t2i_fraction, instruction_dropout=instruction_dropout,
-            shuffle_buffer=shuffle_buffer, payload=payload, seed=seed, max_bad_fraction=max_bad_fraction)
+            shuffle_buffer=shuffle_buffer, payload=payload, seed=seed, max_bad_fraction=max_bad_fraction,
+            max_consecutive_bad=max_consecutive_bad)
         self.val_cfg = StreamConfig(
             batch_size=batch_size, mode="exact", max_area=bucket_area, max_aspect=max_aspect,
             reference_size=reference_size, shuffle_shards=False, shuffle_buffer=0, payload=payload,
-            seed=seed, max_bad_fraction=max_bad_fraction)
+            seed=seed, max_bad_fraction=max_bad_fraction, max_consecutive_bad=max_consecutive_bad)
         self.train_loader: KontextLoader | None = None
 
     def _rank_world(self) -> tuple[int | None, int | None]:

@@ -24,12 +24,14 @@ from torch.utils.data import get_worker_info
 
 from kontext.data.buckets import bucket_size, fit, preferred_size
 from kontext.data.format import FormatError, Sample, decode_image, from_record, image_size
+from kontext.errors import KontextError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
-    """Most samples are unreadable: the data, not one sample, is broken."""
+class DataError(KontextError, RuntimeError):
+    """The data, not one sample, is broken: most samples, or a long run of shards and samples
+    in a row, are unreadable."""
 
 
 @dataclass
@@ -48,6 +50,7 @@ class StreamConfig:
     seed: int = 0
     max_bad_fraction: float = 0.5
     min_checked: int = 64  # samples read before the bad-fraction check applies
+    max_consecutive_bad: int = 100  # unreadable shards or samples in a row that stop the stream
 
     def __post_init__(self):
         checks = {"mode": ("resampled", "exact"), "reference_size": ("bucket", "preferred"),
@@ -57,6 +60,8 @@ class StreamConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.batch_size < 1 or not 0 <= self.t2i_fraction <= 1 or not 0 <= self.instruction_dropout <= 1:
             raise ValueError("batch_size >= 1 and fractions in [0, 1] are required")
+        if self.max_consecutive_bad < 1:
+            raise ValueError(f"max_consecutive_bad must be at least 1, got {self.max_consecutive_bad}")
 
 
 def make_seed(*parts: Any) -> int:
@@ -102,6 +107,7 @@ class Item:
     sample: Sample
     signature: tuple  # equal signatures stack into one batch
     sizes: tuple = ()  # image mode: ((W, H) of the target, (W, H) of each reference)
+    url: str = ""  # its shard
 
 
 class WorkerStream:
@@ -113,15 +119,32 @@ class WorkerStream:
         self.skip, self.budget, self.empty_prompt = skip, budget, empty_prompt
         self.stats = Stats()
         self._rng = random.Random(make_seed(cfg.seed, epoch, slot, "samples"))
+        self._in_a_row = 0  # unreadable shards and samples since the last readable sample
+        self._bad_shards: Counter = Counter()  # shard -> its unreadable samples (or 1: the shard itself)
+        self._url = ""
 
     def _read_error(self, exn: Exception) -> bool:
-        self.stats.bad("<shard>", exn)
-        log.warning("shard read error (skipped): %s", exn)
+        what = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args[0] if exn.args else exn)
+        log.warning("shard read error (skipped): %s: %s", self._url, what)
+        self._bad("<shard>", FormatError(f"unreadable shard ({what})"))
         return True
 
     def records(self) -> Iterator[dict]:
-        shards = ({"url": u} for u in assign_shards(self.urls, self.cfg, self.epoch, self.slot, self.slots))
-        return wds.tariterators.tarfile_samples(shards, handler=self._read_error)
+        """The records of this slot's shards; a shard that cannot be read or holds no record counts
+        as one unreadable item (so a stream of them ends, see `_bad`)."""
+        for url in assign_shards(self.urls, self.cfg, self.epoch, self.slot, self.slots):
+            self._url, bad_before, n = url, self.stats.corrupt, 0
+            for rec in wds.tariterators.tarfile_samples([{"url": url}], handler=self._read_error):
+                n += 1
+                yield rec
+            if n == 0 and self.stats.corrupt == bad_before:
+                self._bad("<shard>", FormatError("empty shard"))
+
+    def _bad(self, key: str, err: Exception, url: str | None = None) -> None:
+        self.stats.bad(key, err)
+        self._bad_shards[url or self._url] += 1
+        self._in_a_row += 1
+        self._check_health()
 
     def _check_health(self) -> None:
         s, c = self.stats, self.cfg
@@ -129,6 +152,13 @@ class WorkerStream:
             raise DataError(
                 f"{s.corrupt} of {s.seen} samples read so far are unreadable (limit {c.max_bad_fraction:.0%}); "
                 f"reasons {dict(s.reasons)}; e.g. {s.examples[:3]}. Check the shard paths and format.")
+        if self._in_a_row >= c.max_consecutive_bad:
+            shards = [f"{url} ({n})" for url, n in self._bad_shards.most_common()]
+            more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+            raise DataError(
+                f"no readable data: the last {self._in_a_row} shards or samples read were all unreadable "
+                f"(limit data.max_consecutive_bad={c.max_consecutive_bad}); skipped {dict(s.reasons)} in "
+                f"{len(shards)} shard(s): {', '.join(shards[:5])}{more}")
 
     def items(self, records: Iterable[dict]) -> Iterator[Item]:
         c = self.cfg
@@ -140,8 +170,7 @@ class WorkerStream:
                 if c.payload == "image" and sample.target is None:
                     raise FormatError(f"{key}: no target image")
             except FormatError as e:
-                self.stats.bad(key, e)
-                self._check_health()
+                self._bad(key, e)
                 continue
             has_refs = bool(sample.references) or _n_ref_latents(sample.features) > 0
             if has_refs and self._rng.random() < c.t2i_fraction:
@@ -150,10 +179,12 @@ class WorkerStream:
             if self._rng.random() < c.instruction_dropout:
                 sample.instruction = ""
             try:
-                yield self._signed(sample)
+                item = self._signed(sample)
             except (FormatError, KeyError, ValueError) as e:
-                self.stats.bad(key, e)
-                self._check_health()
+                self._bad(key, e)
+                continue
+            self._in_a_row, item.url = 0, self._url
+            yield item
 
     def _signed(self, s: Sample) -> Item:
         c = self.cfg
@@ -196,19 +227,22 @@ class WorkerStream:
             yield from pending.values()
 
     def __iter__(self) -> Iterator[dict]:
-        base = Stats()
-        for b, group in enumerate(self.bucketed(self.shuffled(self.items(self.records())))):
-            if self.budget is not None and b >= self.skip + self.budget:
-                break
-            if b < self.skip:
-                if b == self.skip - 1:  # the counts the original run had reported with this batch
-                    base = Stats(self.stats.seen, self.stats.corrupt, Counter(self.stats.reasons))
-                continue
-            batch = self.collate(group)
-            batch.update(_batch=b, _stats=self.stats.minus(base))
-            yield batch
-        # A final marker carries the counts of samples dropped after the last batch.
-        yield {"_batch": None, "_stats": self.stats.minus(base)}
+        base, error = Stats(), None
+        try:
+            for b, group in enumerate(self.bucketed(self.shuffled(self.items(self.records())))):
+                if self.budget is not None and b >= self.skip + self.budget:
+                    break
+                if b < self.skip:
+                    if b == self.skip - 1:  # the counts the original run had reported with this batch
+                        base = Stats(self.stats.seen, self.stats.corrupt, Counter(self.stats.reasons))
+                    continue
+                batch = self.collate(group)
+                batch.update(_batch=b, _stats=self.stats.minus(base))
+                yield batch
+        except DataError as err:  # handed over as a message: a worker's exception would arrive as a traceback
+            error = str(err)
+        # A final marker carries the counts of samples dropped after the last batch (and the error).
+        yield {"_batch": None, "_stats": self.stats.minus(base), "_error": error}
 
     # -------------------------------------------------------------------------------- collation
     def collate(self, group: list[Item]) -> dict:
@@ -225,8 +259,7 @@ class WorkerStream:
                         _put(buf, len(kept), fit(decode_image(data), size))  # converted while still in cache
                 kept.append(item)
             except FormatError as e:  # its slot is reused by the next sample
-                self.stats.bad(item.sample.key, e)
-                self._check_health()
+                self._bad(item.sample.key, e, item.url)
         if not kept:
             return {"_empty": True}
         batch: dict[str, Any] = {

@@ -57,6 +57,12 @@ def _merge(defaults: dict, given: dict | None, what: str) -> dict:
     return {**defaults, **(given or {})}
 
 
+def _plain(given):
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else given
+
+
 class AutoEncoderStage(L.LightningModule):
     def __init__(
         self,
@@ -67,6 +73,8 @@ class AutoEncoderStage(L.LightningModule):
         finish: dict | None = None,
     ):
         super().__init__()
+        # Plain dicts: a checkpoint's hyperparameters must load weights-only (kontext.checkpoint).
+        optimizer, loss, discriminator, finish = (_plain(c) for c in (optimizer, loss, discriminator, finish))
         self.save_hyperparameters()
         self.ae = AutoEncoder(autoencoder)
         self.optim_cfg = _merge(OPTIMIZER, optimizer, "optimizer")

@@ -55,6 +55,8 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
         # This run's training (a resumed run: since the resume): what makes two machines' times differ.
         "training": getattr(stage, "throughput", None),
         "steps": int(stage.trainer.global_step),
+        # Samples read and skipped as unreadable, by reason (this rank's training loader, all epochs).
+        "data": getattr(stage, "data_stats", None),
         "final_loss": stage.loss_history[-1][1] if stage.loss_history else None,
         "files": {k: str(v) for k, v in written.items()},
     }

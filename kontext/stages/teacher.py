@@ -44,11 +44,11 @@ def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
         cfg = read_export_config(path)
         model = load_flux(path / "transformer.safetensors", FluxParams(**cfg["model"]), device=device)
     elif path.suffix == ".ckpt" and path.is_file():
-        from kontext.loading import _instantiate, _load_yaml, _read_checkpoint
+        from kontext.loading import _read_checkpoint, model_params
 
         config = next((c for c in (path.parent.parent / "config.yaml", path.parent / "config.yaml") if c.is_file()),
                       path.parent.parent / "config.yaml")
-        params = _instantiate(_load_yaml(config).get("model"), "model", config)
+        params = model_params(config)
         ema = {k[len(EMA_PREFIX):]: v for k, v in _read_checkpoint(path).items() if k.startswith(EMA_PREFIX)}
         model = build_flux(params, device="meta")
         load_into(model, ema, what=f"teacher EMA weights in {path}", assign=True)
