@@ -94,6 +94,23 @@ class Duration:
         return 'expected "DD:HH:MM:SS" or null'
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Lightning's `devices`: a count >= 1, -1 (all), "auto", or device indices (a list or "0,1")."""
+
+    def problem(self, value) -> str | None:
+        def index(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if value == "auto" or value == -1 or index(value) and value >= 1:
+            return None
+        if isinstance(value, list) and value and all(map(index, value)):
+            return None
+        if isinstance(value, str) and value.strip() and all(p.strip().isdigit() for p in value.split(",") if p.strip()):
+            return None
+        return 'expected a count >= 1, -1 (all), "auto" or a list of device indices'
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
@@ -109,6 +126,7 @@ KEYS: dict[str, object] = {
     "trainer.max_steps": STEPS,
     "trainer.max_epochs": Num(-1, null=True),
     "trainer.num_nodes": POSITIVE,
+    "trainer.devices": Devices(),
     "trainer.accumulate_grad_batches": POSITIVE,
     "trainer.log_every_n_steps": POSITIVE,
     "trainer.gradient_clip_val": Num(0, real=True, null=True),
@@ -128,6 +146,7 @@ KEYS: dict[str, object] = {
     "data.shuffle_buffer": COUNT,
     "data.max_bad_fraction": FRACTION,
     "data.max_consecutive_bad": POSITIVE,
+    "data.max_pixels": Num(1, null=True),
     "data.val_samples": COUNT,
     "stage.optimizer.lr": Num(0, real=True),
     "stage.optimizer.betas": Pair(),

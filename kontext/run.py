@@ -12,6 +12,7 @@ instead of finishing, and errors about the user's input are printed as one line 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -113,8 +114,10 @@ def _run(cfg: DictConfig) -> dict:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     start = time.perf_counter()
+    # Lightning >= 2.6 takes weights_only itself; weights_only_loads forces it for older ones too.
+    weights_only = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
     with weights_only_loads():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, **weights_only)
     timings["train"] = time.perf_counter() - start
     module.throughput = throughput.summary()
     module.data_stats = data_stats(datamodule)

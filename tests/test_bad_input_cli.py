@@ -209,6 +209,25 @@ def test_the_loader_skips_a_bomb_with_its_reason(tmp_path):
     assert loader.stats["corrupt"] == 2 and loader.stats["reasons"] == {"image too large": 2}
 
 
+def test_data_max_pixels_sets_the_loaders_limit(tmp_path):
+    from kontext.data.format import encode_image
+    from kontext.data.loader import KontextDataModule, KontextLoader
+    from kontext.data.stream import StreamConfig
+
+    small, large = (encode_image(Image.new("RGB", (n, n), (10, 200, 30))) for n in (16, 32))
+    with wds.TarWriter(str(tmp_path / "a.tar")) as tar:
+        for i in range(4):
+            target = large if i % 2 else small
+            tar.write({"__key__": f"k{i}", "target.png": target, "ref0.png": target, "instruction.txt": b"x",
+                       "meta.json": b'{"task": "edit"}'})
+    loader = KontextLoader(str(tmp_path), StreamConfig(batch_size=1, mode="exact", max_area=32 * 32,
+                                                      shuffle_buffer=0, max_pixels=1000))
+    assert [k for batch in loader for k in batch["key"]] == ["k0", "k2"]  # 32 x 32 = 1,024 pixels > 1,000
+    assert loader.stats["reasons"] == {"image too large": 2}
+    module = KontextDataModule(str(tmp_path), max_pixels=1000)
+    assert module.train_cfg.max_pixels == module.val_cfg.max_pixels == 1000
+
+
 # ------------------------------------------------------------------------------------- importers
 def _manifest(d: Path, rows: list, encoding="utf-8") -> Path:
     text = "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows) + "\n"

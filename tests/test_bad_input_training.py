@@ -225,6 +225,9 @@ CONFIGS = {  # override: the line after "error: "
     "model.depth=abc": "model.depth='abc': expected an integer",  # from FluxParams' annotations
     "stage.compact_text=maybe": "stage.compact_text='maybe': expected true or false",  # FlowStage's
     "trainer.deterministic=3": "trainer.deterministic=3: expected true or false or null or 'warn'",  # Lightning's
+    "trainer.devices=abc": "trainer.devices='abc': expected a count >= 1, -1 (all), \"auto\" or a list of device indices",
+    "trainer.devices=0": "trainer.devices=0: expected a count >= 1, -1 (all), \"auto\" or a list of device indices",
+    "data.max_pixels=0": "data.max_pixels=0: expected an integer >= 1 or null",
 }
 
 
@@ -240,6 +243,12 @@ def test_wrong_config_values_are_one_line(tmp_path, override):
 def test_every_shipped_experiment_passes_the_check(tmp_path, experiment):
     check_config(compose_train([f"experiment={experiment}", f"paths.root_dir={tmp_path}",
                                 f"paths.output_dir={tmp_path}/run"]))
+
+
+@pytest.mark.parametrize("devices", ["auto", "2", "-1", "[0,1]", "'0,1'"])
+def test_valid_device_choices_pass_the_check(tmp_path, devices):
+    check_config(compose_train([f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                                f"trainer.devices={devices}"]))
 
 
 def test_wrong_type_on_the_command_line_is_one_line_before_anything_is_built(tmp_path):

@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kontext.data.format import MAX_PIXELS
 from kontext.data.stream import DataError, StreamConfig, WorkerStream
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,8 @@ class KontextDataModule(L.LightningDataModule):
                  reference_size: str = "bucket", t2i_fraction: float = 0.0,
                  instruction_dropout: float = 0.0, shuffle_buffer: int = 1000, seed: int = 0,
                  payload: str = "image", empty_prompt: str | None = None,
-                 max_bad_fraction: float = 0.5, max_consecutive_bad: int = 100, pin_memory: bool = False,
+                 max_bad_fraction: float = 0.5, max_consecutive_bad: int = 100, max_pixels: int | None = MAX_PIXELS,
+                 pin_memory: bool = False,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         self.save_hyperparameters()
@@ -230,11 +232,12 @@ class KontextDataModule(L.LightningDataModule):
             batch_size=batch_size, mode=mode, max_area=bucket_area, max_aspect=max_aspect,
             reference_size=reference_size, t2i_fraction=t2i_fraction, instruction_dropout=instruction_dropout,
             shuffle_buffer=shuffle_buffer, payload=payload, seed=seed, max_bad_fraction=max_bad_fraction,
-            max_consecutive_bad=max_consecutive_bad)
+            max_consecutive_bad=max_consecutive_bad, max_pixels=max_pixels)
         self.val_cfg = StreamConfig(
             batch_size=batch_size, mode="exact", max_area=bucket_area, max_aspect=max_aspect,
             reference_size=reference_size, shuffle_shards=False, shuffle_buffer=0, payload=payload,
-            seed=seed, max_bad_fraction=max_bad_fraction, max_consecutive_bad=max_consecutive_bad)
+            seed=seed, max_bad_fraction=max_bad_fraction, max_consecutive_bad=max_consecutive_bad,
+            max_pixels=max_pixels)
         self.train_loader: KontextLoader | None = None
 
     def _rank_world(self) -> tuple[int | None, int | None]:

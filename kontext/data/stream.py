@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from kontext.data.buckets import bucket_size, fit, preferred_size
-from kontext.data.format import FormatError, Sample, decode_image, from_record, image_size
+from kontext.data.format import MAX_PIXELS, FormatError, Sample, decode_image, from_record, image_size
 from kontext.errors import KontextError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class StreamConfig:
     max_bad_fraction: float = 0.5
     min_checked: int = 64  # samples read before the bad-fraction check applies
     max_consecutive_bad: int = 100  # unreadable shards or samples in a row that stop the stream
+    max_pixels: int | None = MAX_PIXELS  # larger images are skipped from their header ("image too large")
 
     def __post_init__(self):
         checks = {"mode": ("resampled", "exact"), "reference_size": ("bucket", "preferred"),
@@ -193,11 +194,11 @@ class WorkerStream:
             shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(s.features.items())
                            if not k.startswith("ref"))
             return Item(s, (shapes, refs))
-        bucket = bucket_size(*image_size(s.target), c.max_area, c.max_aspect)
+        bucket = bucket_size(*image_size(s.target, c.max_pixels), c.max_area, c.max_aspect)
         if c.reference_size == "bucket":
             ref_sizes = tuple(bucket for _ in s.references)
         else:
-            ref_sizes = tuple(preferred_size(*image_size(r), c.max_area) for r in s.references)
+            ref_sizes = tuple(preferred_size(*image_size(r, c.max_pixels), c.max_area) for r in s.references)
         return Item(s, (bucket, ref_sizes), (bucket, ref_sizes))
 
     def shuffled(self, items: Iterable[Item]) -> Iterator[Item]:
@@ -256,7 +257,7 @@ class WorkerStream:
                 if image:
                     s = item.sample
                     for buf, data, size in zip(buffers, [s.target, *s.references], [bucket, *ref_sizes], strict=True):
-                        _put(buf, len(kept), fit(decode_image(data), size))  # converted while still in cache
+                        _put(buf, len(kept), fit(decode_image(data, self.cfg.max_pixels), size))  # converted while still in cache
                 kept.append(item)
             except FormatError as e:  # its slot is reused by the next sample
                 self._bad(item.sample.key, e, item.url)
