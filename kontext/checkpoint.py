@@ -80,14 +80,18 @@ class _MetadataUnpickler(pickle.Unpickler):
     """The unpickler of a sharded folder's `.metadata`: the classes of torch's distributed
     checkpoint metadata, dtypes, layouts, sizes and paths, and nothing else."""
 
+    METADATA = {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+                "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"}
     FUNCTIONS = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
-                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath")}
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+                 *(("torch.distributed.checkpoint.metadata", n) for n in METADATA)}
 
     def find_class(self, module: str, name: str):
-        value = getattr(torch, name, None) if module == "torch" else None
-        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.FUNCTIONS
-                or name == "Size" and module == "torch"
-                or isinstance(value, torch.dtype | torch.layout | torch.memory_format)):
+        # A dotted name would reach whatever the module imports (`os.system` through any module
+        # that imports os): only plain names of the listed classes, dtypes, layouts and sizes.
+        value = getattr(torch, name, None) if module == "torch" and "." not in name else None
+        if "." not in name and ((module, name) in self.FUNCTIONS or name == "Size" and module == "torch"
+                                or isinstance(value, torch.dtype | torch.layout | torch.memory_format)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
 

@@ -91,7 +91,10 @@ class Duration:
         parts = value.split(":") if isinstance(value, str) else []
         if value is None or len(parts) == 4 and all(p.isdigit() for p in parts):
             return None
-        return 'expected "DD:HH:MM:SS" or null'
+        units = {"days", "hours", "minutes", "seconds"}
+        if isinstance(value, dict) and value and set(value) <= units and not any(Num(0).problem(v) for v in value.values()):
+            return None
+        return 'expected "DD:HH:MM:SS", {days, hours, minutes, seconds} or null'
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Devices:
         def index(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-        if value == "auto" or value == -1 or index(value) and value >= 1:
+        if value in ("auto", -1, "-1") or index(value) and value >= 1:
             return None
         if isinstance(value, list) and value and all(map(index, value)):
             return None
@@ -171,7 +174,7 @@ KEYS: dict[str, object] = {
     "stage.finish.benchmark.n_per_op": COUNT,
     "stage.finish.benchmark.chains": COUNT,
     "stage.finish.export": Flag(),
-    "callbacks.checkpoint.every_n_train_steps": COUNT,
+    "callbacks.checkpoint.every_n_train_steps": Num(0, null=True),
     "callbacks.checkpoint.save_top_k": Num(-1),
     "callbacks.metrics.grid_every_n_steps": COUNT,
     "prepare.shapes_edit.n": POSITIVE,

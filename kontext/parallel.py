@@ -128,7 +128,7 @@ def retained_bytes(fn: Callable[[], object]) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    seen: set[int] = set()
+    seen: dict[int, StorageWeakRef] = {}  # storages met so far, by identity while they live
     made: dict[int, tuple] = {}
 
     def storages(tree):
@@ -137,14 +137,17 @@ def retained_bytes(fn: Callable[[], object]) -> int:
                 ref = StorageWeakRef(t.untyped_storage())
                 yield ref.cdata, ref, t.untyped_storage().nbytes()
 
+    def known(key: int) -> bool:  # an address freed and reused is a new storage
+        return key in seen and not seen[key].expired()
+
     class Track(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.update(key for key, _, _ in storages((args, kwargs)))
+            seen.update((key, ref) for key, ref, _ in storages((args, kwargs)))
             out = func(*args, **(kwargs or {}))
             for key, ref, nbytes in storages(out):
-                if key not in seen:
+                if not known(key):
                     made[key] = (ref, nbytes)
-                seen.add(key)
+                seen[key] = ref
             return out
 
     with Track():

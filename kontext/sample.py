@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -39,7 +39,6 @@ class BatchCase:
     prompt: str
     output: Path
     seed: int
-    references: list[Image.Image] = field(default_factory=list)  # read before the model loads
 
 
 def check_output(path: str | os.PathLike) -> Path:
@@ -122,30 +121,36 @@ def read_batch(path: str | os.PathLike, default_seed: int,
 
 
 def load_references(cases: list[BatchCase], bad: list[tuple[int, str]], max_pixels: int | None) -> list[BatchCase]:
-    """The cases whose images all read (into `case.references`); the others go to `bad`."""
+    """The cases whose images all read; the others go to `bad`. Each image is decoded once to
+    check it and dropped: `run_batch` reads it again, so a long batch never holds every
+    original at full size."""
     from kontext.images import load_image
 
     ready = []
     for case in cases:
         try:
-            case.references = [load_image(p, max_pixels) for p in image_paths(case.image)]
+            for path in image_paths(case.image):
+                load_image(path, max_pixels).close()
             ready.append(case)
         except KontextError as err:
             bad.append((case.line, str(err)))
     return ready
 
 
-def run_batch(pipe, cases: list[BatchCase], bad: list[tuple[int, str]], sampling: dict, progress: bool) -> int:
-    """Every case of a batch file, their references read (`bad`: lines already rejected);
+def run_batch(pipe, cases: list[BatchCase], bad: list[tuple[int, str]], sampling: dict, progress: bool,
+              max_pixels: int | None) -> int:
+    """Every case of a batch file, their images checked (`bad`: lines already rejected);
     returns the number of failed lines. A case that fails fails alone."""
     from tqdm.auto import tqdm
+
+    from kontext.images import load_image
 
     bad = list(bad)
     total = len(cases) + len(bad)
     ready = []
     for case in cases:
         try:
-            refs = pipe.prepare_references(case.references)
+            refs = pipe.prepare_references([load_image(p, max_pixels) for p in image_paths(case.image)])
             ready.append((pipe.output_size(refs, sampling["width"], sampling["height"]), refs, case))
         except KontextError as err:
             bad.append((case.line, str(err)))
@@ -293,7 +298,7 @@ def _run(cfg) -> int:
         if not cases:
             report_batch(0, len(bad), bad)
             return 1
-        return 1 if run_batch(_load(cfg, options), cases, bad, sampling, options["progress"]) else 0
+        return 1 if run_batch(_load(cfg, options), cases, bad, sampling, options["progress"], max_pixels) else 0
     output = check_output(cfg.output)
     prompts = ([prompt] if prompt is not None else []) + turns
     if turns:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from test_data_loader import _good, _write_raw
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
@@ -126,6 +127,15 @@ def test_shards_that_yield_nothing_end_with_one_line(tmp_path, case, workers):
     assert {r: n for r, n in loader.stats["reasons"].items() if not r.startswith("unreadable shard")} == reasons
 
 
+def test_a_rank_dealt_no_shards_has_no_batches_and_no_error(tmp_path):
+    """Exact mode with fewer shards than ranks: the rank without a shard reads nothing, which
+    is not broken data (the rank with the shard trains on it)."""
+    shards = _write_shards(tmp_path / "shards", {"a.tar": [_good(f"g{i}") for i in range(4)]})
+    cfg = StreamConfig(batch_size=2, mode="exact", max_area=32 * 32, shuffle_buffer=0)
+    assert [b["key"] for b in KontextLoader(str(shards), cfg, rank=1, world_size=2)] == []
+    assert sum(len(b["key"]) for b in KontextLoader(str(shards), cfg, rank=0, world_size=2)) == 4
+
+
 def test_consecutive_bad_limit_is_exact(tmp_path):
     """Four corrupt samples in a row pass with a limit of 5; five stop the stream."""
     for run_length, fails in ((4, False), (5, True)):
@@ -219,7 +229,8 @@ CONFIGS = {  # override: the line after "error: "
     "data.max_consecutive_bad=0": "data.max_consecutive_bad=0: expected an integer >= 1",
     "seed=abc": "seed='abc': expected an integer in [0, 4294967295]",
     "threads=0": "threads=0: expected an integer >= 1 or null",
-    "trainer.max_time=5": 'trainer.max_time=5: expected "DD:HH:MM:SS" or null',
+    "trainer.max_time=5": 'trainer.max_time=5: expected "DD:HH:MM:SS", {days, hours, minutes, seconds} or null',
+    "+trainer.max_time={hours:x}": "trainer.max_time={'hours': 'x'}: expected \"DD:HH:MM:SS\", {days, hours, minutes, seconds} or null",
     "prepare.shapes_edit.n=-5": "prepare.shapes_edit.n=-5: expected an integer >= 1",
     "stage.finish.export=abc": "stage.finish.export='abc': expected true or false",
     "model.depth=abc": "model.depth='abc': expected an integer",  # from FluxParams' annotations
@@ -245,10 +256,12 @@ def test_every_shipped_experiment_passes_the_check(tmp_path, experiment):
                                 f"paths.output_dir={tmp_path}/run"]))
 
 
-@pytest.mark.parametrize("devices", ["auto", "2", "-1", "[0,1]", "'0,1'"])
-def test_valid_device_choices_pass_the_check(tmp_path, devices):
-    check_config(compose_train([f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
-                                f"trainer.devices={devices}"]))
+@pytest.mark.parametrize("override", ["trainer.devices=auto", "trainer.devices=2", "trainer.devices=-1",
+                                      "trainer.devices=[0,1]", "trainer.devices='0,1'", "trainer.devices='-1'",
+                                      "trainer.max_time={hours:4}", "trainer.max_time=00:04:00:00",
+                                      "callbacks.checkpoint.every_n_train_steps=null"])
+def test_values_lightning_takes_pass_the_check(tmp_path, override):
+    check_config(compose_train([f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", override]))
 
 
 def test_wrong_type_on_the_command_line_is_one_line_before_anything_is_built(tmp_path):
@@ -390,6 +403,43 @@ def test_malicious_checkpoint_of_a_run_is_not_loaded(run_dir, tmp_path):
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "PWNED")}, run_dir / "checkpoints" / "last.ckpt")
     with pytest.raises(KontextError, match="os.makedirs"):
         load_pipeline(run_dir)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_list_of_shards_keeps_checkpoints_loadable(tmp_path):
+    """`data.shards=[a,b]` reaches the data module as Hydra's ListConfig; its hyperparameters go
+    into every checkpoint, which must stay readable weights-only."""
+    from hydra.utils import instantiate
+
+    from kontext.checkpoint import load_file
+
+    module = instantiate(OmegaConf.create({"_target_": "kontext.data.loader.KontextDataModule",
+                                           "shards": [str(tmp_path / "a"), str(tmp_path / "b")],
+                                           "val_shards": [str(tmp_path / "c")]}))
+    torch.save({"global_step": 1, "datamodule_hyper_parameters": dict(module.hparams)}, tmp_path / "x.ckpt")
+    state = load_file(tmp_path / "x.ckpt")
+    assert state["datamodule_hyper_parameters"]["shards"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+@pytest.mark.parametrize("module, name", [("torch.distributed.checkpoint.metadata", "os.makedirs"),
+                                          ("torch", "os.makedirs"), ("os", "makedirs")])
+def test_sharded_checkpoint_metadata_runs_no_code(tmp_path, module, name):
+    """A sharded folder's `.metadata` is unpickled by an allow-list; a dotted name would reach
+    whatever the allowed module imports (pickle protocol 4 resolves `os.makedirs` in it)."""
+    import pickle
+
+    from kontext.checkpoint import CheckpointError, read_state
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    target = str(tmp_path / "PWNED")
+    payload = (b"\x80\x04" + pickle.SHORT_BINUNICODE + bytes([len(module)]) + module.encode()
+               + pickle.SHORT_BINUNICODE + bytes([len(name)]) + name.encode() + pickle.STACK_GLOBAL
+               + pickle.SHORT_BINUNICODE + bytes([len(target)]) + target.encode() + pickle.TUPLE1
+               + pickle.REDUCE + pickle.STOP)
+    (folder / ".metadata").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="outside the allow-list"):
+        read_state(folder)
     assert not (tmp_path / "PWNED").exists()
 
 

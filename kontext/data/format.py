@@ -56,8 +56,9 @@ def check_pixels(size: tuple[int, int], max_pixels: int | None = MAX_PIXELS, nam
 
 
 def open_image(fp, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """`Image.open` (lazy: nothing decoded yet) whose size is checked from the header. Pillow's own
-    bomb guard (a warning, then an error at twice its limit) is replaced by this one."""
+    """`Image.open` (lazy: nothing decoded yet) whose size is checked from the header against
+    `max_pixels`. Pillow's own bomb warning is silenced; its error (at about 179 MP) still
+    applies, also with `max_pixels=None`, and reads as the same "image too large"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

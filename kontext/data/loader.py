@@ -32,6 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
+from omegaconf import ListConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kontext.data.format import MAX_PIXELS
@@ -140,8 +141,10 @@ class KontextLoader:
                 yield batch
             self.finished = True
             self._report(final=True)
-            if not n and not resumed:
-                s = self.stats
+            s = self.stats
+            # Nothing usable among what was read is an error; a rank dealt no shards at all (fewer
+            # shards than ranks x workers in exact mode) reads nothing and just has no batches.
+            if not n and not resumed and s["seen"] + s["corrupt"] > 0:
                 raise DataError(f"no readable data: an epoch over {len(self.urls)} shard(s) ({self._shard_names()}) "
                                 f"yielded no batch; {s['seen']} samples read, {s['corrupt']} skipped {s['reasons']}")
             if n or not resumed:  # a resumed epoch that was already complete: go on to the next
@@ -227,6 +230,9 @@ class KontextDataModule(L.LightningDataModule):
                  pin_memory: bool = False,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
+        # Plain lists, not Hydra's ListConfig: the hyperparameters go into every checkpoint,
+        # which is read weights-only.
+        shards, val_shards = (OmegaConf.to_container(s) if isinstance(s, ListConfig) else s for s in (shards, val_shards))
         self.save_hyperparameters()
         self.train_cfg = StreamConfig(
             batch_size=batch_size, mode=mode, max_area=bucket_area, max_aspect=max_aspect,
