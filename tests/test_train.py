@@ -303,3 +303,19 @@ def test_flow_stage_clips_the_gradient_norm_in_one_pass():
     for p, g in zip(params[1:], grads[1:], strict=True):  # every gradient scaled by 0.5 / norm
         torch.testing.assert_close(p.grad, g * (0.5 / (kept + 1e-6)))
     assert params[0].grad is None and norm > 0.5
+
+
+def test_flow_stage_options_are_written_once():
+    """configs/stage/flow.yaml mirrors the stage's defaults, and an unknown option is an error."""
+    from kontext.errors import KontextError
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages import flow as stage
+
+    yaml = OmegaConf.load(CONFIG_DIR / "stage" / "flow.yaml")
+    for key, defaults in (("optimizer", stage.OPTIMIZER), ("time_sampling", stage.TIME_SAMPLING),
+                          ("validation", stage.VALIDATION)):
+        given = OmegaConf.to_container(yaml[key])
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()} == defaults, key
+    assert yaml.ema_decay == stage.EMA_DECAY
+    with pytest.raises(KontextError, match=r"unknown optimizer option\(s\) \['learning_rate'\]"):
+        stage.FlowStage(FLUX_PRESETS["tiny"], optimizer={"learning_rate": 1e-3})

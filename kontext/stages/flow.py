@@ -29,6 +29,21 @@ from kontext.model import Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
 
 DECAYS = ("cosine", "linear", "none")
+# The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
+# tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
+OPTIMIZER = {"lr": 4e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100, "decay": "cosine",
+             "min_lr_ratio": 0.1, "decay_by": "steps"}
+TIME_SAMPLING = {"sigma": 1.0, "mu": "auto"}
+VALIDATION = {"every_n_steps": 0, "cases_per_op": 8, "steps": 8}
+EMA_DECAY = 0.995
+
+
+def options(defaults: dict, given: dict | None, what: str) -> dict:
+    """`defaults` updated by `given`; a key the stage does not know is an error, not ignored."""
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise KontextError(f"unknown {what} option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **(given or {})}
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,
@@ -56,7 +71,7 @@ class FlowStage(L.LightningModule):
         text: Any = None,
         init_from: str | None = None,
         optimizer: dict | None = None,
-        ema_decay: float = 0.999,
+        ema_decay: float = EMA_DECAY,
         time_sampling: dict | None = None,
         train_guidance: float = 1.0,
         compact_text: bool = True,
@@ -72,12 +87,11 @@ class FlowStage(L.LightningModule):
         self.ema = EMA(self.model, decay=ema_decay)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
-        self.optim_cfg = {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100,
-                          "decay": "cosine", "min_lr_ratio": 0.1, "decay_by": "steps", **(optimizer or {})}
-        self.time_cfg = {"sigma": 1.0, "mu": "auto", **(time_sampling or {})}
+        self.optim_cfg = options(OPTIMIZER, optimizer, "optimizer")
+        self.time_cfg = options(TIME_SAMPLING, time_sampling, "time_sampling")
         self.train_guidance = train_guidance
         self.compact_text = compact_text
-        self.val_cfg = {"every_n_steps": 0, "cases_per_op": 8, "steps": 20, **(validation or {})}
+        self.val_cfg = options(VALIDATION, validation, "validation")
         self.finish_cfg = finish or {}
         self.last_batch_size = 0
         self._last_ema_step = -1
