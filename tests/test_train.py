@@ -305,17 +305,48 @@ def test_flow_stage_clips_the_gradient_norm_in_one_pass():
     assert params[0].grad is None and norm > 0.5
 
 
-def test_flow_stage_options_are_written_once():
-    """configs/stage/flow.yaml mirrors the stage's defaults, and an unknown option is an error."""
+STAGE_OPTIONS = {  # stage yaml: {option: the module's constant}
+    "flow": ("kontext.stages.flow", {"optimizer": "OPTIMIZER", "time_sampling": "TIME_SAMPLING",
+                                     "validation": "VALIDATION"}),
+    "guidance_distill": ("kontext.stages.guidance_distill", {"optimizer": "OPTIMIZER", "validation": "VALIDATION"}),
+    "ladd": ("kontext.stages.ladd", {"optimizer": "OPTIMIZER", "discriminator_optimizer": "DISCRIMINATOR_OPTIMIZER",
+                                     "validation": "VALIDATION", "reals": "REALS", "renoise": "RENOISE",
+                                     "discriminator": "DISCRIMINATOR", "updates": "UPDATES"}),
+}
+
+
+@pytest.mark.parametrize("name", list(STAGE_OPTIONS))
+def test_stage_options_are_written_once(name):
+    """Each stage's YAML mirrors its Python defaults: the option dicts key for key and value for
+    value, and every scalar parameter the YAML sets equals the signature's default."""
+    import importlib
+    import inspect
+
+    from hydra.utils import get_object
+
+    module_name, constants = STAGE_OPTIONS[name]
+    module = importlib.import_module(module_name)
+    yaml = OmegaConf.load(CONFIG_DIR / "stage" / f"{name}.yaml")
+
+    def plain(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    for key, constant in constants.items():
+        given = OmegaConf.to_container(yaml[key])
+        assert {k: plain(v) for k, v in given.items()} == getattr(module, constant), key
+    signature = inspect.signature(get_object(yaml._target_).__init__)
+    for key, param in signature.parameters.items():
+        node = yaml._get_node(key) if key in yaml else None
+        if node is None or key in constants or OmegaConf.is_interpolation(yaml, key) or OmegaConf.is_config(node):
+            continue
+        default = param.default
+        assert plain(yaml[key]) == (plain(default) if not isinstance(default, tuple) else default), key
+
+
+def test_an_unknown_stage_option_is_an_error():
     from kontext.errors import KontextError
     from kontext.model import FLUX_PRESETS
-    from kontext.stages import flow as stage
+    from kontext.stages.flow import FlowStage
 
-    yaml = OmegaConf.load(CONFIG_DIR / "stage" / "flow.yaml")
-    for key, defaults in (("optimizer", stage.OPTIMIZER), ("time_sampling", stage.TIME_SAMPLING),
-                          ("validation", stage.VALIDATION)):
-        given = OmegaConf.to_container(yaml[key])
-        assert {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()} == defaults, key
-    assert yaml.ema_decay == stage.EMA_DECAY
     with pytest.raises(KontextError, match=r"unknown optimizer option\(s\) \['learning_rate'\]"):
-        stage.FlowStage(FLUX_PRESETS["tiny"], optimizer={"learning_rate": 1e-3})
+        FlowStage(FLUX_PRESETS["tiny"], optimizer={"learning_rate": 1e-3})

@@ -37,7 +37,8 @@ from torch import Tensor
 from kontext import distill, flow, packing, sampling
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
-from kontext.stages.flow import FlowStage
+from kontext.stages import flow as flow_stage
+from kontext.stages.flow import FlowStage, options
 from kontext.stages.teacher import init_student, load_teacher
 
 
@@ -57,6 +58,12 @@ class _Path:
         return self.step >= len(self.times) - 1
 
 
+# Defaults written once (configs/stage/guidance_distill.yaml mirrors them): a student that
+# starts from its teacher moves slowly; its new guidance embedder learns at `guidance_lr`.
+OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 3e-5, "warmup_steps": 50}
+VALIDATION = {**flow_stage.VALIDATION, "steps": 20}
+
+
 class GuidanceDistillStage(FlowStage):
     def __init__(
         self,
@@ -66,7 +73,7 @@ class GuidanceDistillStage(FlowStage):
         text: Any = None,
         guidance_range: tuple[float, float] = (1.0, 5.0),
         teacher_guidance: float = 1.0,
-        guidance_lr: float | None = None,
+        guidance_lr: float | None = 1e-3,
         points: str = "data",
         trajectory_steps: int = 20,
         optimizer: dict | None = None,
@@ -77,8 +84,10 @@ class GuidanceDistillStage(FlowStage):
         parallel: Any = None,
     ):
         low, high = (float(g) for g in guidance_range)
-        super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
-                         time_sampling=time_sampling, train_guidance=(low + high) / 2, validation=validation,
+        super().__init__(model=model, autoencoder=autoencoder, text=text,
+                         optimizer=options(OPTIMIZER, optimizer, "optimizer"), ema_decay=ema_decay,
+                         time_sampling=time_sampling, train_guidance=(low + high) / 2,
+                         validation=options(VALIDATION, validation, "validation"),
                          finish=finish, parallel=parallel)
         self.guidance_range = (low, high)
         self.teacher_source = str(teacher)

@@ -44,8 +44,18 @@ from kontext.discriminator import Discriminator, block_features, resolve_blocks
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
 from kontext.sampling import denoise
-from kontext.stages.flow import FlowStage
+from kontext.stages import flow as flow_stage
+from kontext.stages.flow import FlowStage, options
 from kontext.stages.teacher import check_student, init_student, load_teacher
+
+# Defaults written once (configs/stage/ladd.yaml mirrors them).
+OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 1e-5, "warmup_steps": 20, "decay": "none", "min_lr_ratio": 1.0}
+DISCRIMINATOR_OPTIMIZER = {"lr": 1e-4, "betas": (0.0, 0.99), "weight_decay": 0.0}
+VALIDATION = {**flow_stage.VALIDATION, "steps": None}  # None: the student's own time list
+REALS = {"source": "teacher", "steps": 20, "cfg": 4.0}
+RENOISE = {"m": 1.0, "s": 1.0, "shared": False}
+DISCRIMINATOR = {"blocks": None, "channels": 64}
+UPDATES = {"generator": 1, "discriminator": 1}
 
 
 class LADDStage(FlowStage):
@@ -77,8 +87,10 @@ class LADDStage(FlowStage):
         finish: dict | None = None,
         parallel: Any = None,
     ):
-        super().__init__(model=model, autoencoder=autoencoder, text=text, optimizer=optimizer, ema_decay=ema_decay,
-                         train_guidance=student_guidance, validation=validation, finish=finish, parallel=parallel)
+        super().__init__(model=model, autoencoder=autoencoder, text=text,
+                         optimizer=options(OPTIMIZER, optimizer, "optimizer"), ema_decay=ema_decay,
+                         train_guidance=student_guidance, validation=options(VALIDATION, validation, "validation"),
+                         finish=finish, parallel=parallel)
         self.automatic_optimization = False
         self.teacher_source, self.student_source = str(teacher), student_init
         self.teacher_guidance, self.student_guidance = float(teacher_guidance), float(student_guidance)
@@ -88,20 +100,20 @@ class LADDStage(FlowStage):
             raise KontextError(f"stage.student_inputs must be 'data' or 'simulate', got {student_inputs!r}")
         self.student_inputs = student_inputs
         self.sample_times = self._sample_times((finish or {}).get("sampler", {}).get("timesteps"))
-        self.reals_cfg = {"source": "teacher", "steps": 20, "cfg": 3.0, **(reals or {})}
+        self.reals_cfg = options(REALS, reals, "reals")
         if self.reals_cfg["source"] not in ("teacher", "data"):
             raise KontextError(f"reals.source must be teacher or data, got {self.reals_cfg['source']!r}")
-        self.renoise_cfg = {"m": 1.0, "s": 1.0, "shared": False, **(renoise or {})}
+        self.renoise_cfg = options(RENOISE, renoise, "renoise")
         self.d_loss_fn, self.g_loss_fn = distill.gan_losses(loss)
         self.r1_weight = float(r1_weight)
         self.distill_weight = float(distill_weight)
         self.adversarial_weight = float(adversarial_weight)
-        self.cycle = {"generator": 1, "discriminator": 1, **(updates or {})}
+        self.cycle = options(UPDATES, updates, "updates")
         if min(self.cycle.values()) < 0 or sum(self.cycle.values()) < 1:
             raise KontextError(f"updates must be non-negative counts with a positive sum, got {self.cycle}")
-        self.d_optim_cfg = {"lr": 1e-4, "betas": (0.0, 0.99), "weight_decay": 0.0, **(discriminator_optimizer or {})}
+        self.d_optim_cfg = options(DISCRIMINATOR_OPTIMIZER, discriminator_optimizer, "discriminator_optimizer")
         self.grad_clip = grad_clip
-        d_cfg = {"blocks": None, "channels": 64, **(discriminator or {})}
+        d_cfg = options(DISCRIMINATOR, discriminator, "discriminator")
         self.feature_blocks = resolve_blocks(self.model, d_cfg["blocks"])
         self.discriminator = Discriminator(model.hidden_size, model.vec_in_dim, len(self.feature_blocks),
                                            int(d_cfg["channels"]))
