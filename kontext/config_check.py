@@ -185,6 +185,21 @@ KEYS: dict[str, object] = {
 _MISSING = object()
 
 
+def options(defaults: dict, given: dict | None, what: str) -> dict:
+    """A stage's options: `defaults` updated by `given`; a key the stage does not know is an
+    error, not ignored."""
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise KontextError(f"unknown {what} option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **(given or {})}
+
+
+def plain(value):
+    """Hydra's DictConfig / ListConfig as plain dicts and lists (what a checkpoint may hold:
+    hyperparameters are saved with it and read back weights-only); anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise a one-line `KontextError` for the first value of `cfg` of a wrong type or range."""
     for key, spec in KEYS.items():

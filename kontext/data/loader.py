@@ -32,9 +32,9 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
-from omegaconf import ListConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kontext.config_check import plain
 from kontext.data.format import MAX_PIXELS
 from kontext.data.stream import DataError, StreamConfig, WorkerStream
 
@@ -232,7 +232,7 @@ class KontextDataModule(L.LightningDataModule):
         super().__init__()
         # Plain lists, not Hydra's ListConfig: the hyperparameters go into every checkpoint,
         # which is read weights-only.
-        shards, val_shards = (OmegaConf.to_container(s) if isinstance(s, ListConfig) else s for s in (shards, val_shards))
+        shards, val_shards = plain(shards), plain(val_shards)
         self.save_hyperparameters()
         self.train_cfg = StreamConfig(
             batch_size=batch_size, mode=mode, max_area=bucket_area, max_aspect=max_aspect,

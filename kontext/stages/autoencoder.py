@@ -28,6 +28,7 @@ from torch import Tensor
 
 from kontext import autoencoder_loss as losses
 from kontext.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
+from kontext.config_check import options, plain
 
 
 def resolve_palette(palette) -> list[list[int]] | None:
@@ -50,19 +51,6 @@ DISCRIMINATOR = {"start": None, "weight": 0.1, "lr": None, "channels": 64, "laye
 FINISH = {"scale_samples": 2048, "eval_samples": 4096, "eval_seed": 2, "export_path": None}
 
 
-def _merge(defaults: dict, given: dict | None, what: str) -> dict:
-    unknown = set(given or {}) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    return {**defaults, **(given or {})}
-
-
-def _plain(given):
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else given
-
-
 class AutoEncoderStage(L.LightningModule):
     def __init__(
         self,
@@ -74,13 +62,13 @@ class AutoEncoderStage(L.LightningModule):
     ):
         super().__init__()
         # Plain dicts: a checkpoint's hyperparameters must load weights-only (kontext.checkpoint).
-        optimizer, loss, discriminator, finish = (_plain(c) for c in (optimizer, loss, discriminator, finish))
+        optimizer, loss, discriminator, finish = (plain(c) for c in (optimizer, loss, discriminator, finish))
         self.save_hyperparameters()
         self.ae = AutoEncoder(autoencoder)
-        self.optim_cfg = _merge(OPTIMIZER, optimizer, "optimizer")
-        self.loss_cfg = _merge(LOSS, loss, "loss")
-        self.disc_cfg = _merge(DISCRIMINATOR, discriminator, "discriminator")
-        self.finish_cfg = _merge(FINISH, finish, "finish")
+        self.optim_cfg = options(OPTIMIZER, optimizer, "optimizer")
+        self.loss_cfg = options(LOSS, loss, "loss")
+        self.disc_cfg = options(DISCRIMINATOR, discriminator, "discriminator")
+        self.finish_cfg = options(FINISH, finish, "finish")
         self.palette = resolve_palette(self.loss_cfg["palette"])
         c = self.loss_cfg
         if (c["palette_weight"] or c["fg_weight"] or c["edge_weight"]) and self.palette is None:

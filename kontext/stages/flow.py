@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from kontext import flow, packing, parallel
+from kontext.config_check import options
 from kontext.ema import EMA
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams, load_flux
@@ -36,14 +37,6 @@ OPTIMIZER = {"lr": 4e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_step
 TIME_SAMPLING = {"sigma": 1.0, "mu": "auto"}
 VALIDATION = {"every_n_steps": 0, "cases_per_op": 8, "steps": 8}
 EMA_DECAY = 0.995
-
-
-def options(defaults: dict, given: dict | None, what: str) -> dict:
-    """`defaults` updated by `given`; a key the stage does not know is an error, not ignored."""
-    unknown = sorted(set(given or {}) - set(defaults))
-    if unknown:
-        raise KontextError(f"unknown {what} option(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **(given or {})}
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,

@@ -10,6 +10,8 @@ import shlex
 import time
 from pathlib import Path
 
+from kontext.cli import quote_text
+
 
 def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = None,
                     benchmark: dict | None = None, export: bool = True) -> dict:
@@ -90,6 +92,6 @@ def override(key: str, value) -> str:
     and `,`, which Hydra parses unless the value is quoted."""
     text = str(value)
     if re.fullmatch(r"[\w./@~+-]*", text) is None:
-        text = "'" + text.replace("'", "\\'") + "'"
+        text = quote_text(text)
     word = f"{key}={text}"
     return f'"{word}"' if re.search(r'["$`\\!]', word) is None else shlex.quote(word)

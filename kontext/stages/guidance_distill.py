@@ -35,10 +35,11 @@ import torch
 from torch import Tensor
 
 from kontext import distill, flow, packing, sampling
+from kontext.config_check import options
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage, options
+from kontext.stages.flow import FlowStage
 from kontext.stages.teacher import init_student, load_teacher
 
 

@@ -40,12 +40,13 @@ import torch
 from torch import Tensor
 
 from kontext import distill, flow, packing
+from kontext.config_check import options
 from kontext.discriminator import Discriminator, block_features, resolve_blocks
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
 from kontext.sampling import denoise
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage, options
+from kontext.stages.flow import FlowStage
 from kontext.stages.teacher import check_student, init_student, load_teacher
 
 # Defaults written once (configs/stage/ladd.yaml mirrors them).
