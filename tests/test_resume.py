@@ -296,7 +296,8 @@ def test_resume_skips_damaged_and_untrusted_checkpoints(data_root, random_ae, st
     skips both (the callable never runs) and continues exactly from the newest intact one."""
     import shutil
 
-    from test_bad_input_training import Payload, _garble
+    from test_bad_input_files import _garble
+    from test_bad_input_training import Payload
 
     run_dir = data_root / "damaged"
     ckpts = run_dir / "checkpoints"
