@@ -37,7 +37,7 @@ import torch
 from kontext.benchmark import run_benchmark
 from kontext.cli import parse_args, run_main
 from kontext.distill import few_step_timesteps
-from kontext.loading import load_pipeline
+from kontext.pipeline import KontextPipeline
 from kontext.shapes_edit import benchmark_cases
 
 USAGE = """usage: python benchmarks/distillation.py teacher=SOURCE [guidance_student=SOURCE] [ladd_student=SOURCE]
@@ -89,15 +89,15 @@ def run(args: dict) -> dict:
     load = dict(device=args["device"], batch_size=int(args["batch_size"]))
     n, seed, steps, cfg = int(args["n"]), int(args["seed"]), int(args["steps"]), float(args["cfg"])
     rows = []
-    teacher = load_pipeline(str(args["teacher"]), **load)
+    teacher = KontextPipeline.load(str(args["teacher"]), **load)
     rows.append(measure("teacher", f"teacher CFG {cfg:g}, {steps} steps", teacher, n, seed, 2 * steps, steps=steps, cfg=cfg))
     if args["guidance_student"]:
-        student = load_pipeline(str(args["guidance_student"]), **load)
+        student = KontextPipeline.load(str(args["guidance_student"]), **load)
         rows.append(measure("guidance", f"guidance-distilled, {steps} steps", student, n, seed, steps, steps=steps,
                             guidance=cfg, cfg=1.0))
         del student
     if args["ladd_student"]:
-        ladd = load_pipeline(str(args["ladd_student"]), **load)
+        ladd = KontextPipeline.load(str(args["ladd_student"]), **load)
         trained = ladd.sampler.timesteps
         if not trained:
             raise SystemExit(f"{args['ladd_student']} has no explicit timestep list; is it a LADD export?")

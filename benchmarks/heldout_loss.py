@@ -25,7 +25,7 @@ import torch
 from kontext import flow, packing
 from kontext.cli import parse_args, run_main
 from kontext.errors import KontextError
-from kontext.loading import load_pipeline
+from kontext.pipeline import KontextPipeline
 from kontext.shapes_edit import OPS, generate, make_case
 
 USAGE = """usage: python benchmarks/heldout_loss.py models=[SOURCE,...] [n=48] [t=[0.1,0.3,0.5,0.7,0.9]]
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> list[dict]:
     cases = cases_by_op(int(args["n"]), str(args["split"]))
     rows = []
     for source in models:
-        pipe = load_pipeline(str(source))
+        pipe = KontextPipeline.load(str(source))
         rows.append({"model": str(source), "loss": heldout_loss(pipe, cases, times, int(args["seed"]),
                                                                 float(args["guidance"]))})
         print(f"{source}: mean {rows[-1]['loss']['mean']:.4f}", flush=True)

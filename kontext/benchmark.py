@@ -206,7 +206,7 @@ def _sampler_settings(pipeline, sampling: dict) -> dict:
 
 def main(argv: list[str]) -> BenchmarkReport:
     from kontext.cli import parse_args
-    from kontext.loading import load_pipeline
+    from kontext.pipeline import KontextPipeline
 
     defaults = {"checkpoint": "???", "n": 50, "chains": 20, "turns": 8, "steps": None, "guidance": None, "cfg": None,
                 "timesteps": None, "seed": 0, "size": DEFAULT_SIZE, "out": None, "batch_size": 32, "device": "auto"}
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> BenchmarkReport:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(str(args["checkpoint"]), device=device, batch_size=int(args["batch_size"]))
+    pipe = KontextPipeline.load(str(args["checkpoint"]), device=device, batch_size=int(args["batch_size"]))
     report = run_benchmark(pipe, int(args["n"]), chains=int(args["chains"]), turns=int(args["turns"]),
                            steps=args["steps"], guidance=args["guidance"], cfg=args["cfg"],
                            timesteps=args["timesteps"], seed=int(args["seed"]), size=int(args["size"]))

@@ -12,9 +12,8 @@ Reading a checkpoint never runs code from it: pickled records are loaded with
 (`safe_globals`), also on Lightning's resume path; a sharded folder's pickled metadata passes
 a restricted unpickler first. A file that is damaged or holds anything else is skipped by
 `resume=auto` with one line naming it. A sharded checkpoint consolidates to a plain state dict
-in one process, without a process group, e.g. for a reference-format export:
-
-    python -m kontext.checkpoint RUN_DIR/checkpoints/last.ckpt transformer.safetensors [--raw]
+in one process, without a process group; :mod:`kontext.artifact` reads a run's weights (for
+sampling, a teacher or a reference-format export) through `newest_checkpoint` and `consolidate`.
 """
 
 from __future__ import annotations
@@ -232,6 +231,16 @@ def is_complete(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
+def check_complete(path: Path) -> None:
+    """A `CheckpointError` that says why, unless `is_complete(path)`."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not is_complete(path):
+        what = "a sharded checkpoint folder without its metadata" if path.is_dir() else \
+            "truncated or not a PyTorch checkpoint (no zip directory)"
+        raise CheckpointError(f"checkpoint {path} is {what}")
+
+
 def read_state(path: Path) -> dict:
     """A checkpoint's pickled state (its tensors mapped, not read; a sharded folder's `meta.pt`),
     which checks the whole record. A damaged or untrusted checkpoint is a `CheckpointError`."""
@@ -249,10 +258,7 @@ def read_state(path: Path) -> dict:
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was saved at, once the checkpoint has been checked whole."""
     path = Path(path)
-    if not is_complete(path):
-        what = "a sharded checkpoint folder without its metadata" if path.is_dir() else \
-            "truncated or not a PyTorch checkpoint (no zip directory)"
-        raise CheckpointError(f"checkpoint {path} is {what}")
+    check_complete(path)
     state = read_state(path)
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no global_step)")
@@ -262,10 +268,23 @@ def checkpoint_step(path: Path) -> int:
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Intact checkpoints in `ckpt_dir`, oldest step first (ties: older file first); each damaged
     one is logged in one line and left out."""
-    return [path for path, _ in _scan(Path(ckpt_dir))[0]]
+    intact, damaged = _scan(Path(ckpt_dir))
+    _log_skipped(damaged)
+    return [path for path, _ in intact]
 
 
-def _scan(ckpt_dir: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
+def newest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The checkpoint of a run: the intact one with the highest step in `ckpt_dir` (ties: the
+    newer file), the one `resume=auto` resumes from and `kontext.artifact` reads; None when there
+    is none. Also the damaged ones with their errors, each logged in one line when passed over
+    for an intact one (with none intact, the caller reports them)."""
+    intact, damaged = _scan(Path(ckpt_dir))
+    if intact:
+        _log_skipped(damaged)
+    return (intact[-1][0] if intact else None), damaged
+
+
+def _scan(ckpt_dir: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, CheckpointError]]]:
     if not ckpt_dir.is_dir():
         return [], []
     intact, damaged = [], []
@@ -275,25 +294,28 @@ def _scan(ckpt_dir: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
         try:
             intact.append((p, checkpoint_step(p)))
         except CheckpointError as err:
-            log.warning("skipped: %s", err)
-            damaged.append(p)
-    return sorted(intact, key=lambda ps: (ps[1], ps[0].stat().st_mtime)), sorted(damaged)
+            damaged.append((p, err))
+    return sorted(intact, key=lambda ps: (ps[1], ps[0].stat().st_mtime)), sorted(damaged, key=lambda pe: pe[0])
+
+
+def _log_skipped(damaged: list[tuple[Path, CheckpointError]]) -> None:
+    for _, err in damaged:
+        log.warning("skipped: %s", err)
 
 
 def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
-    """`resume`: null/false = start fresh; `auto` = the intact checkpoint in `ckpt_dir` with the
-    highest step (none at all: start fresh; only damaged ones: an error, since starting over
-    must be asked for); anything else is a path to an intact checkpoint."""
+    """`resume`: null/false = start fresh; `auto` = the checkpoint of the run (`newest_checkpoint`;
+    none at all: start fresh; only damaged ones: an error, since starting over must be asked
+    for); anything else is a path to an intact checkpoint."""
     if resume in (None, False, "none", "null"):
         return None
     if resume == "auto":
-        intact, damaged = _scan(Path(ckpt_dir))
-        if intact:
-            return str(intact[-1][0])
-        if damaged:
+        newest, damaged = newest_checkpoint(Path(ckpt_dir))
+        if newest is None and damaged:
+            _log_skipped(damaged)
             raise CheckpointError(f"no intact checkpoint to resume from in {ckpt_dir} (damaged: "
-                                  f"{', '.join(p.name for p in damaged)}); resume=null starts afresh")
-        return None
+                                  f"{', '.join(p.name for p, _ in damaged)}); resume=null starts afresh")
+        return None if newest is None else str(newest)
     path = Path(str(resume))
     if not path.exists():
         raise CheckpointError(f"resume checkpoint not found: {path}")
@@ -308,8 +330,8 @@ def consolidate(path: str | os.PathLike, prefix: str = "state_dict.") -> dict[st
     process. Sharded folders are read shard by shard, without a process group; for them the
     keys are flattened with dots (`state_dict.model.img_in.weight`)."""
     path = Path(path)
-    if not is_complete(path) and not (path / ".metadata").is_file():
-        raise KontextError(f"not a complete checkpoint: {path}")
+    if not (path / ".metadata").is_file():  # a folder of shards without `meta.pt` is complete here
+        check_complete(path)
     state = read_state(path)
     if path.is_file():
         flat = _flatten(state)
@@ -323,7 +345,7 @@ def consolidate(path: str | os.PathLike, prefix: str = "state_dict.") -> dict[st
               for key, meta in reader.read_metadata().state_dict_metadata.items()
               if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
     if not wanted:
-        raise KontextError(f"{path} holds no tensors under {prefix!r}")
+        return {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(wanted, storage_reader=reader, no_dist=True)
@@ -337,37 +359,3 @@ def _flatten(tree, prefix: str = "") -> dict:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
-
-
-def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
-    """A flow-stage checkpoint's transformer (EMA or raw weights) as a reference-format
-    safetensors file; the architecture comes from the run's `config.yaml` beside `checkpoints/`."""
-    from kontext.loading import model_params
-    from kontext.model import build_flux, save_flux
-    from kontext.weights import load_into
-
-    ckpt = Path(ckpt)
-    config = ckpt.resolve().parent.parent / "config.yaml"
-    if not config.is_file():
-        raise KontextError(f"{config} not found: the run's config names the architecture")
-    params = model_params(config)
-    weights = consolidate(ckpt, prefix="state_dict.ema.model." if ema else "state_dict.model.")
-    model = build_flux(params, device="meta")
-    load_into(model, weights, what=f"{'EMA' if ema else 'raw'} weights of {ckpt}", assign=True)
-    return Path(save_flux(model, out))
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Export a training checkpoint's transformer (file or sharded "
-                                     "folder) as reference-format safetensors.")
-    parser.add_argument("checkpoint")
-    parser.add_argument("out")
-    parser.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA")
-    args = parser.parse_args(argv)
-    print(export_transformer(args.checkpoint, args.out, ema=not args.raw))
-
-
-if __name__ == "__main__":
-    main()

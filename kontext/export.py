@@ -2,8 +2,8 @@
 
     python -m kontext.export source=outputs/train/default out=exports/shapes diffusers=true
 
-`source` is a run directory, a flow-stage Lightning checkpoint or an export folder. The
-export folder holds:
+`source` is a run directory, a flow-stage Lightning checkpoint (a file or an FSDP folder) or an
+export folder, read by :mod:`kontext.artifact`. The export folder holds:
 
 - `transformer.safetensors`: the EMA transformer in the reference (BFL) key layout, which
   the reference FLUX code and our `load_flux` read; its FluxParams are in the file metadata;
@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from kontext.artifact import EXPORT_FORMAT
 from kontext.errors import KontextError
-from kontext.loading import EXPORT_FORMAT, load_pipeline
 from kontext.pipeline import KontextPipeline
 
 EXPORT_VERSION = 1
@@ -92,7 +92,7 @@ def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLi
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not overwrite:
         raise KontextError(f"{out_dir} already exists (pass overwrite=true to replace it)")
-    pipe = source if isinstance(source, KontextPipeline) else load_pipeline(source)
+    pipe = source if isinstance(source, KontextPipeline) else KontextPipeline.load(source)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

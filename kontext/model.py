@@ -228,6 +228,29 @@ def build_flux(
         return Flux(params)
 
 
+def read_flux(
+    path: str | os.PathLike,
+    params: FluxParams | str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[FluxParams, dict[str, Tensor]]:
+    """A reference-format transformer file's params (default: the ones `save_flux` recorded in its
+    metadata) and its weights, read to `device`."""
+    if params is None:
+        meta = read_metadata(path)
+        if PARAMS_METADATA_KEY not in meta:
+            raise WeightsError(f"{path} records no FluxParams; pass params (e.g. 'flux-dev-kontext')")
+        params = FluxParams(**json.loads(meta[PARAMS_METADATA_KEY]))
+    return get_params(params), strip_prefix(read_safetensors(path, device=device), CHECKPOINT_PREFIXES)
+
+
+def flux_from_weights(params: FluxParams, weights: dict[str, Tensor], what: str = "Flux weights",
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Flux:
+    """A Flux holding `weights`, loaded strictly (built on meta: the tensors are used, not copied)."""
+    model = build_flux(params, device="meta")
+    load_into(model, weights, what=what, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
 def load_flux(
     path: str | os.PathLike,
     params: FluxParams | str | None = None,
@@ -239,15 +262,8 @@ def load_flux(
     `params` defaults to the ones recorded by `save_flux` in the file's metadata. Tensors keep
     the file's dtype unless `dtype` is given.
     """
-    if params is None:
-        meta = read_metadata(path)
-        if PARAMS_METADATA_KEY not in meta:
-            raise WeightsError(f"{path} records no FluxParams; pass params (e.g. 'flux-dev-kontext')")
-        params = FluxParams(**json.loads(meta[PARAMS_METADATA_KEY]))
-    sd = strip_prefix(read_safetensors(path, device=device), CHECKPOINT_PREFIXES)
-    model = build_flux(params, device="meta")
-    load_into(model, sd, what=f"Flux weights in {path}", assign=True)
-    return model.to(device=device, dtype=dtype)
+    params, weights = read_flux(path, params, device=device)
+    return flux_from_weights(params, weights, f"Flux weights in {path}", device=device, dtype=dtype)
 
 
 def save_flux(model: Flux, path: str | os.PathLike, metadata: dict | None = None) -> os.PathLike:

@@ -8,7 +8,8 @@ latent (reference FLUX.1 Kontext sampler, fact sheet §3-4). `edit` does many ca
 batching those whose reference and output sizes agree; every case draws its own noise from
 its own seed, so an output depends on its seed and inputs only, not on what it was batched
 with. Size policy and image conversion: :mod:`kontext.images`. Loading from a run, a
-checkpoint, an export folder or the official files: :mod:`kontext.loading`.
+checkpoint, an export folder or the official files: :mod:`kontext.loading` builds the parts (the
+trained weights come through :mod:`kontext.artifact`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kontext import packing
 from kontext.errors import KontextError
 from kontext.flow import schedule
 from kontext.images import MAX_AREA, ImageInput, check_output_size, prepare_reference, to_pil, to_tensor
+from kontext.loading import PipelineParts, official_parts, read_parts
 from kontext.sampling import denoise, get_noise
 
 
@@ -241,34 +243,37 @@ class KontextPipeline:
                       cfg_scale=plan["cfg"], uncond=uncond, progress=self.progress)  # (B, L_img, 64)
         return self.decode_latents(tokens.unpack(img))
 
-    # -- loading (see kontext.loading) ---------------------------------------------------------
+    # -- loading (the parts: kontext.loading; the weights: kontext.artifact) -------------------
     @classmethod
-    def load(cls, source, **kwargs) -> KontextPipeline:
-        """From whatever `source` is: an export folder, a run directory or a Lightning checkpoint."""
-        from kontext.loading import load_pipeline
+    def from_parts(cls, parts: PipelineParts, **kwargs) -> KontextPipeline:
+        """`kwargs` (sampler settings, batch_size, progress) override what the source records."""
+        pipe = cls(parts.model, parts.autoencoder, parts.text, **{**parts.sampler, **kwargs})
+        pipe.text_config, pipe.source = parts.text_config, parts.source
+        return pipe
 
-        return load_pipeline(source, **kwargs)
+    @classmethod
+    def load(cls, source, *, checkpoint=None, config=None, text=None, device="cpu", dtype=None,
+             **kwargs) -> KontextPipeline:
+        """From whatever `source` is: a run directory, a training checkpoint (a `.ckpt` file or an
+        FSDP folder) or an export folder (see `kontext.loading.read_parts`)."""
+        return cls.from_parts(read_parts(source, checkpoint=checkpoint, config=config, text=text, device=device,
+                                         dtype=dtype), **kwargs)
 
     @classmethod
     def from_run_dir(cls, run_dir, checkpoint=None, **kwargs) -> KontextPipeline:
-        from kontext.loading import from_run_dir
-
-        return from_run_dir(run_dir, checkpoint=checkpoint, **kwargs)
+        return cls.load(run_dir, checkpoint=checkpoint, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path, config=None, **kwargs) -> KontextPipeline:
-        from kontext.loading import from_checkpoint
-
-        return from_checkpoint(path, config=config, **kwargs)
+        return cls.load(path, config=config, **kwargs)
 
     @classmethod
     def from_export(cls, folder, **kwargs) -> KontextPipeline:
-        from kontext.loading import from_export
-
-        return from_export(folder, **kwargs)
+        return cls.load(folder, **kwargs)
 
     @classmethod
     def from_official(cls, transformer_path, ae_path, t5_dir, clip_dir, **kwargs) -> KontextPipeline:
-        from kontext.loading import from_official
-
-        return from_official(transformer_path, ae_path, t5_dir, clip_dir, **kwargs)
+        """The official files (see `kontext.loading.official_parts`; `batch_size` and `progress`
+        go to the pipeline)."""
+        own = {k: kwargs.pop(k) for k in ("batch_size", "progress") if k in kwargs}
+        return cls.from_parts(official_parts(transformer_path, ae_path, t5_dir, clip_dir, **kwargs), **own)

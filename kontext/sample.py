@@ -250,7 +250,7 @@ def _options(cfg) -> dict:
 
 
 def _load(cfg, options: dict):
-    from kontext.loading import from_official, load_pipeline
+    from kontext.pipeline import KontextPipeline
 
     kwargs = {"device": options["device"], "batch_size": options["batch_size"],
               "progress": options["progress"] and not cfg.batch}
@@ -259,9 +259,10 @@ def _load(cfg, options: dict):
     if o.transformer is not None:
         import torch
 
-        return from_official(o.transformer, o.ae, o.t5, o.clip, preset=o.preset, t5_tokenizer_dir=o.t5_tokenizer,
-                             clip_tokenizer_dir=o.clip_tokenizer, dtype=dtype or torch.bfloat16, **kwargs)
-    return load_pipeline(str(cfg.checkpoint), dtype=dtype, **kwargs)
+        return KontextPipeline.from_official(o.transformer, o.ae, o.t5, o.clip, preset=o.preset,
+                                             t5_tokenizer_dir=o.t5_tokenizer, clip_tokenizer_dir=o.clip_tokenizer,
+                                             dtype=dtype or torch.bfloat16, **kwargs)
+    return KontextPipeline.load(str(cfg.checkpoint), dtype=dtype, **kwargs)
 
 
 def _check_source(cfg) -> None:

@@ -13,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 from test_bad_input_training import Payload
 
-from kontext.checkpoint import CheckpointError, export_transformer, find_resume_checkpoint
+from kontext.artifact import export_transformer
+from kontext.checkpoint import CheckpointError, find_resume_checkpoint
 from kontext.errors import KontextError
 
 TESTS = Path(__file__).resolve().parent
@@ -127,14 +128,14 @@ CONFIG_PAYLOADS = {  # section, node, the error's tail
 def test_run_config_builds_only_the_projects_classes(run_dir, tmp_path, case):
     """`sample.py checkpoint=<run>`, a distillation teacher and the checkpoint export read a
     run's config.yaml; none of them may build what it names."""
-    from kontext.loading import load_pipeline
+    from kontext.pipeline import KontextPipeline
     from kontext.stages.teacher import load_teacher
 
     section, node, tail = CONFIG_PAYLOADS[case]
     pwned = tmp_path / "PWNED"
     node = yaml.safe_load(yaml.safe_dump(node).replace("{pwned}", str(pwned)))
     _edit_config(run_dir, section, node)
-    loads = [lambda: load_pipeline(run_dir), lambda: load_pipeline(run_dir / "checkpoints" / "last.ckpt")]
+    loads = [lambda: KontextPipeline.load(run_dir), lambda: KontextPipeline.load(run_dir / "checkpoints" / "last.ckpt")]
     if section == "model":
         loads += [lambda: load_teacher(run_dir), lambda: export_transformer(run_dir / "checkpoints" / "last.ckpt",
                                                                              tmp_path / "out.safetensors")]
@@ -146,11 +147,11 @@ def test_run_config_builds_only_the_projects_classes(run_dir, tmp_path, case):
 
 
 def test_malicious_checkpoint_of_a_run_is_not_loaded(run_dir, tmp_path):
-    from kontext.loading import load_pipeline
+    from kontext.pipeline import KontextPipeline
 
     torch.save({"state_dict": {}, "x": Payload(tmp_path / "PWNED")}, run_dir / "checkpoints" / "last.ckpt")
     with pytest.raises(KontextError, match="os.makedirs"):
-        load_pipeline(run_dir)
+        KontextPipeline.load(run_dir)
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -192,10 +193,10 @@ def test_sharded_checkpoint_metadata_runs_no_code(tmp_path, module, name):
 
 
 def test_run_config_with_a_python_yaml_tag_is_one_line(run_dir, tmp_path):
-    from kontext.loading import load_pipeline
+    from kontext.pipeline import KontextPipeline
 
     text = (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(f"evil: !!python/object/apply:os.makedirs ['{tmp_path / 'PWNED'}']\n{text}")
     with pytest.raises(KontextError, match=r"^cannot read run config .*config.yaml: could not determine a constructor"):
-        load_pipeline(run_dir)
+        KontextPipeline.load(run_dir)
     assert not (tmp_path / "PWNED").exists()

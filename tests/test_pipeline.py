@@ -204,11 +204,14 @@ def test_loader_errors(tmp_path, pipe):
     with pytest.raises(KontextError, match="not found"):
         KontextPipeline.load(tmp_path / "nowhere")
     run = write_run_dir(tmp_path / "run", pipe)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"garbage")
-    with pytest.raises(KontextError, match="cannot read checkpoint"):
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"garbage")
+    with pytest.raises(KontextError, match=r"run has no intact checkpoint: checkpoint .*last.ckpt is truncated"):
         KontextPipeline.from_run_dir(run)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in random_flux().state_dict().items()}},
-               run / "checkpoints" / "last.ckpt")
+    with pytest.raises(KontextError, match=r"^checkpoint .*last.ckpt is truncated or not a PyTorch checkpoint"):
+        KontextPipeline.from_checkpoint(last)
+    torch.save({"global_step": 1, "state_dict": {f"model.{k}": v for k, v in random_flux().state_dict().items()}},
+               last)
     with pytest.raises(KontextError, match="no EMA weights"):
         KontextPipeline.from_run_dir(run)
     (run / "checkpoints" / "last.ckpt").unlink()

@@ -229,7 +229,7 @@ def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
         assert all(torch.equal(a[k], b[k]) for k in a), prefix
 
     # A sharded checkpoint exports to the reference layout in one process.
-    from kontext.checkpoint import export_transformer
+    from kontext.artifact import export_transformer
     from kontext.model import load_flux
 
     exported = load_flux(export_transformer(last, data_root / "fsdp.safetensors")).state_dict()
@@ -238,9 +238,9 @@ def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
 
 
 def test_checkpoint_exports_reference_weights(straight, tmp_path):
-    """`python -m kontext.checkpoint`: a training checkpoint's EMA (or raw) transformer as a
+    """`python -m kontext.artifact`: a training checkpoint's EMA (or raw) transformer as a
     reference-format file that load_flux reads strictly."""
-    from kontext.checkpoint import main
+    from kontext.artifact import main
     from kontext.model import load_flux
 
     ckpt = straight / "checkpoints" / "last.ckpt"

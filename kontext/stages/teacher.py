@@ -1,9 +1,9 @@
 """The frozen teacher of the distillation stages, and students made from it.
 
-A teacher is given as whatever the rest of the project writes (:mod:`kontext.loading`): a
-training run directory, a flow-stage checkpoint or an export folder, or a reference-format
-transformer file (``.safetensors``, e.g. the official FLUX.1 Kontext weights); only its
-transformer is loaded. A student has the teacher's architecture, except that a
+A teacher is given as whatever the rest of the project writes (:mod:`kontext.artifact`): a
+training run directory, a flow-stage checkpoint (a file or an FSDP folder) or an export folder,
+or a reference-format transformer file (``.safetensors``, e.g. the official FLUX.1 Kontext
+weights); only its transformer is loaded. A student has the teacher's architecture, except that a
 guidance-distilled student adds the guidance embedding when the teacher has none; that
 embedder starts with a zero output (its last layer zero, its first one random so that the
 last one receives gradient), so the student starts as the teacher's conditional prediction
@@ -25,37 +25,19 @@ from kontext.model import Flux, FluxParams
 
 def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
                  device: str | torch.device = "cpu") -> Flux:
-    """The transformer of ``source``, frozen (no parameter requires grad) and in eval mode.
+    """The transformer of ``source`` (read by :func:`kontext.artifact.read_artifact`), frozen (no
+    parameter requires grad) and in eval mode.
 
     Only the transformer is read (a teacher's text encoder and autoencoder are the student's
     own, built by the stage's config). ``params`` is needed only for a bare reference-format
     file that records none; a run or an export records its own."""
-    from kontext.loading import EMA_PREFIX, find_checkpoint, read_export_config
-    from kontext.model import build_flux, load_flux
-    from kontext.weights import load_into
+    from kontext.artifact import read_artifact
 
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():  # a run directory
-        ckpt = find_checkpoint(path)
-        path = ckpt if ckpt is not None else path / "export"
-    if path.suffix == ".safetensors" and path.is_file():
-        model = load_flux(path, params, device=device)
-    elif (path / "config.json").is_file() and (path / "transformer.safetensors").is_file():
-        cfg = read_export_config(path)
-        model = load_flux(path / "transformer.safetensors", FluxParams(**cfg["model"]), device=device)
-    elif path.suffix == ".ckpt" and path.is_file():
-        from kontext.loading import _read_checkpoint, model_params
-
-        config = next((c for c in (path.parent.parent / "config.yaml", path.parent / "config.yaml") if c.is_file()),
-                      path.parent.parent / "config.yaml")
-        params = model_params(config)
-        ema = {k[len(EMA_PREFIX):]: v for k, v in _read_checkpoint(path).items() if k.startswith(EMA_PREFIX)}
-        model = build_flux(params, device="meta")
-        load_into(model, ema, what=f"teacher EMA weights in {path}", assign=True)
-        model = model.to(device)
-    else:
-        raise KontextError(f"teacher not found: {source} (give a run directory, a .ckpt file, an export folder "
-                           "or a reference-format .safetensors)")
+    if not path.exists():
+        raise KontextError(f"teacher not found: {source} (give a run directory, a training checkpoint, an export "
+                           "folder or a reference-format .safetensors)")
+    model = read_artifact(path, params=params, device=device).transformer(device=device)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,253 @@
+"""One reader of what training and export leave on disk: any trained artifact -> its transformer.
+
+`read_artifact` tells its source apart by what is there:
+- a run directory (`config.yaml`, `checkpoints/`): the checkpoint `resume=auto` would take (the
+  intact one with the highest step, :func:`kontext.checkpoint.newest_checkpoint`), or, for a run
+  without checkpoints, its `export/` folder;
+- a training checkpoint of the flow stage: a `.ckpt` file, or a folder of FSDP shards (Lightning's
+  distributed checkpoint, consolidated here in one process), with the `config.yaml` of its run;
+- an export folder (:mod:`kontext.export`): `config.json` and `transformer.safetensors`;
+- a reference-format transformer `.safetensors` file (its params recorded in it, or given).
+
+It returns an :class:`Artifact`: the `FluxParams`, the weights to sample with (a checkpoint's
+EMA), a checkpoint's raw weights when asked for, and the run's config or the export's
+`config.json` for the rest (autoencoder, text encoder, sampler: :mod:`kontext.loading`). The
+pipeline (`sample.py`), the distillation teacher, the export and this module's command read
+through it; the command writes the transformer as a reference-format file:
+
+    python -m kontext.artifact RUN_DIR|CHECKPOINT transformer.safetensors [--raw]
+
+A run's config builds only the project's own classes (`BUILDS`) and holds no interpolation, and
+a checkpoint is read weights-only (:mod:`kontext.checkpoint`): reading someone else's run never
+runs their code. Every problem with the source is a one-line :class:`KontextError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kontext.errors import KontextError
+from kontext.model import Flux, FluxParams
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `state_dict.`
+RAW_PREFIX = "model."
+EXPORT_FORMAT = "kontext-export"
+# What each section of a run's config may build (`_target_`, at any depth).
+BUILDS = {
+    "model": {"kontext.model.FluxParams"},
+    "autoencoder": {"kontext.autoencoder.AutoEncoderParams", "kontext.autoencoder.load_autoencoder"},
+    "text": {"kontext.text.build_text_encoder"},
+}
+
+
+@dataclass
+class Artifact:
+    """A trained transformer as read from disk, with what its source records besides."""
+
+    params: FluxParams
+    ema: dict[str, Tensor]  # the weights to sample with: a checkpoint's EMA, a file's weights
+    raw: dict[str, Tensor] | None  # a checkpoint's trained weights before averaging, if asked for
+    path: Path  # the checkpoint (file or folder), export folder or file the weights came from
+    run_config: DictConfig | None = None  # a checkpoint's run `config.yaml`, read safely
+    export_config: dict | None = None  # an export folder's `config.json`
+    config_path: Path | None = None  # the file run_config or export_config came from
+
+    def transformer(self, raw: bool = False, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Flux:
+        """The `Flux` with the EMA (or raw) weights, built strictly per `params`."""
+        from kontext.model import flux_from_weights
+
+        weights = self.raw if raw else self.ema
+        if weights is None:
+            raise KontextError(f"{self.path} holds no raw weights (only a training checkpoint does)")
+        what = (f"{'raw' if raw else 'EMA'} weights in {self.path} (config {self.config_path})"
+                if self.run_config is not None else f"Flux weights in {self.path}")
+        return flux_from_weights(self.params, weights, what, device=device, dtype=dtype)
+
+
+def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+                  config: str | os.PathLike | None = None, params: FluxParams | str | None = None,
+                  raw: bool = False, device: str | torch.device = "cpu") -> Artifact:
+    """The transformer of `source` (see the module docstring).
+
+    checkpoint: in a run directory, the checkpoint to read instead of the newest (a path, or a
+      name under `checkpoints/`); config: the run config of a checkpoint that is not in its run's
+      `checkpoints/`; params: the architecture of a reference file that records none; raw: also
+      read a checkpoint's raw weights; device: where a safetensors file is read to (checkpoint
+      tensors stay on the CPU, memory-mapped where the format allows)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise KontextError(f"trained model not found: {path} (give a run directory, a training checkpoint, "
+                           "an export folder or a reference-format .safetensors)")
+    if path.is_file() and path.suffix == ".safetensors":
+        from kontext.model import read_flux
+
+        params, weights = read_flux(path, params, device=device)
+        return Artifact(params, weights, None, path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _read_export(path, device)
+    if path.is_dir() and not _is_checkpoint_folder(path):  # a run directory
+        run_dir, path = path, _run_checkpoint(path, checkpoint)
+        if path is None:
+            if (run_dir / "export" / "config.json").is_file():
+                return _read_export(run_dir / "export", device)
+            raise KontextError(f"{run_dir} has no checkpoints/*.ckpt and no export/ folder")
+        config = config or run_dir / "config.yaml"
+    return _read_checkpoint(path, config, raw)
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    from kontext.checkpoint import META
+
+    return path.suffix == ".ckpt" or (path / ".metadata").is_file() or (path / META).is_file()
+
+
+def _run_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path | None:
+    """The given checkpoint, else the one `resume=auto` takes; None when the run has none."""
+    from kontext.checkpoint import CheckpointError, newest_checkpoint
+
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        return path if path.exists() else run_dir / "checkpoints" / path
+    newest, damaged = newest_checkpoint(run_dir / "checkpoints")
+    if newest is None and damaged:
+        raise CheckpointError(f"{run_dir} has no intact checkpoint: {'; '.join(str(err) for _, err in damaged)}")
+    return newest
+
+
+def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool) -> Artifact:
+    from kontext.checkpoint import consolidate
+
+    if config is None:  # RUN/checkpoints/x.ckpt, or a checkpoint beside its config
+        here = Path(os.path.abspath(path))
+        candidates = [here.parent.parent / "config.yaml", here.parent / "config.yaml"]
+        config = next((c for c in candidates if c.is_file()), candidates[0])
+    config = Path(config)
+    cfg = read_run_config(config)
+    params = build_from_run_config(cfg.get("model"), "model", config)
+    ema = consolidate(path, "state_dict." + EMA_PREFIX)
+    if not ema:
+        raise KontextError(f"{path} holds no EMA weights (keys {EMA_PREFIX}*); is it a flow-stage checkpoint?")
+    weights = consolidate(path, "state_dict." + RAW_PREFIX) if raw else None
+    return Artifact(params, ema, weights, path, run_config=cfg, config_path=config)
+
+
+# ----------------------------------------------------------------------------- export folders
+def read_export_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise KontextError(f"export folder {folder} has no config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise KontextError(f"cannot read {path}: {first_line(err)}") from err
+    fmt = cfg.get("format") if isinstance(cfg, dict) else None
+    if fmt != EXPORT_FORMAT:
+        raise KontextError(f"{path} is not a Kontext export (format {fmt!r})")
+    return cfg
+
+
+def _read_export(folder: Path, device: str | torch.device) -> Artifact:
+    from kontext.model import read_flux
+
+    cfg = read_export_config(folder)
+    try:
+        params = FluxParams(**cfg["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise KontextError(f"{folder}/config.json has unusable model params: {first_line(err)}") from err
+    _, weights = read_flux(folder / "transformer.safetensors", params, device=device)
+    return Artifact(params, weights, None, folder, export_config=cfg, config_path=folder / "config.json")
+
+
+# --------------------------------------------------------------------------- a run's config
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_run_config(path: Path):
+    """A run's `config.yaml` as stored (resolved), refusing interpolations and Python tags."""
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        raise KontextError(f"run config not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+        text = OmegaConf.to_yaml(cfg)  # raw: nothing is resolved
+    except Exception as err:  # yaml and omegaconf raise many types
+        raise KontextError(f"cannot read run config {path}: {first_line(err)}") from err
+    if "${" in text:  # a run stores its config resolved; an interpolation could call a resolver
+        line = next(line.strip() for line in text.splitlines() if "${" in line)
+        raise KontextError(f"run config {path} holds an interpolation ({line[:80]}); a run's config is stored resolved")
+    return cfg
+
+
+def _targets(node) -> list[str]:
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def build_from_run_config(section, what: str, where: Path):
+    """Instantiate the `what` section of the run config `where`, if it builds only `BUILDS[what]`."""
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if section is None:
+        raise KontextError(f"{where} has no '{what}' section")
+    if not isinstance(section, DictConfig):
+        raise KontextError(f"the {what} section of {where} is {section!r}, not a mapping")
+    for target in _targets(OmegaConf.to_container(section)):
+        if target not in BUILDS[what]:
+            raise KontextError(f"the {what} section of {where} names {target!r}, which is not built from a run's "
+                               f"config (allowed: {', '.join(sorted(BUILDS[what]))})")
+    try:
+        return instantiate(section, _convert_="all")
+    except KontextError:
+        raise
+    except Exception as err:
+        cause = err.__cause__ if isinstance(err.__cause__, KontextError) else None
+        if cause is not None:
+            raise cause from err
+        raise KontextError(f"cannot build the {what} of {where} "
+                           f"({OmegaConf.to_container(section).get('_target_', '?')}): {first_line(err)}") from err
+
+
+# ----------------------------------------------------------------------------- the command
+def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+    """The transformer of `source` (a checkpoint's EMA, or with `ema=False` its raw weights) as a
+    reference-format safetensors file."""
+    from kontext.model import save_flux
+
+    return Path(save_flux(read_artifact(source, raw=not ema).transformer(raw=not ema), out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the transformer of a run, a training checkpoint (file or "
+                                     "FSDP folder) or an export as a reference-format safetensors file.")
+    parser.add_argument("source")
+    parser.add_argument("out")
+    parser.add_argument("--raw", action="store_true", help="a checkpoint's trained weights instead of their EMA")
+    args = parser.parse_args(argv)
+    print(export_transformer(args.source, args.out, ema=not args.raw))
+
+
+if __name__ == "__main__":
+    from kontext.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,129 @@
+"""`kontext.artifact.read_artifact`, the one reader of trained weights: every kind of source gives
+the same transformer, a run is read from the checkpoint `resume=auto` would take, and a real
+2-process FSDP run's sharded checkpoint reads, samples, teaches and exports exactly like the
+single file it consolidates to (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import random_ae  # noqa: F401  (a fixture)
+from tiny_kontext import random_flux, tiny_pipeline, write_run_dir
+
+from kontext.artifact import export_transformer, read_artifact
+from kontext.checkpoint import find_resume_checkpoint
+from kontext.errors import KontextError
+from kontext.export import export
+from kontext.model import load_flux, save_flux
+from kontext.stages.teacher import load_teacher
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_every_kind_of_source_reads_the_same_transformer(tmp_path):
+    pipe = tiny_pipeline(seed=3)
+    expected = pipe.model.state_dict()
+    run = write_run_dir(tmp_path / "run", pipe)  # EMA: pipe.model; raw: other weights
+    folder = export(pipe, tmp_path / "export")
+    file = save_flux(pipe.model, tmp_path / "transformer.safetensors")
+    for source in (run, run / "checkpoints" / "last.ckpt", folder, file):
+        artifact = read_artifact(source)
+        assert artifact.params == pipe.model.params, source
+        assert_same_weights(artifact.ema, expected)
+        assert_same_weights(artifact.transformer().state_dict(), expected)
+    stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    raw = {k.removeprefix("model."): v for k, v in stored.items() if k.startswith("model.")}
+    assert_same_weights(read_artifact(run, raw=True).raw, raw)
+    assert any(not torch.equal(raw[k], expected[k]) for k in raw)
+    assert read_artifact(folder, raw=True).raw is None
+    with pytest.raises(KontextError, match=r"export holds no raw weights \(only a training checkpoint does\)$"):
+        export_transformer(folder, tmp_path / "raw.safetensors", ema=False)
+    assert_same_weights(load_flux(export_transformer(run, tmp_path / "out.safetensors")).state_dict(), expected)
+
+
+def _save(path, step: int, model) -> None:
+    torch.save({"global_step": step, "state_dict": {f"ema.model.{k}": v for k, v in model.state_dict().items()}},
+               path)
+
+
+def test_a_run_is_read_from_the_checkpoint_resume_takes(tmp_path, caplog):
+    """Not `last.ckpt` by name: the intact checkpoint with the highest step, as `resume=auto`."""
+    pipe = tiny_pipeline(seed=3)
+    run = write_run_dir(tmp_path / "run", pipe)  # last.ckpt at step 1
+    ckpts = run / "checkpoints"
+    later = random_flux(seed=5)
+    _save(ckpts / "step0000005.ckpt", 5, later)
+    artifact = read_artifact(run)
+    assert artifact.path == ckpts / "step0000005.ckpt" and str(artifact.path) == find_resume_checkpoint("auto", ckpts)
+    assert_same_weights(artifact.ema, later.state_dict())
+
+    (ckpts / "step0000005.ckpt").write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="kontext.checkpoint"):
+        artifact = read_artifact(run)
+    assert artifact.path == ckpts / "last.ckpt" and str(artifact.path) == find_resume_checkpoint("auto", ckpts)
+    assert_same_weights(artifact.ema, pipe.model.state_dict())
+    skipped = [r.getMessage() for r in caplog.records if r.name == "kontext.checkpoint"]
+    assert skipped and all(m.startswith(f"skipped: checkpoint {ckpts / 'step0000005.ckpt'} is truncated") for m in skipped)
+
+
+# ------------------------------------------------------------------------------ 2 processes
+
+@pytest.mark.slow
+def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):  # noqa: F811
+    """A 2-process FSDP run (train.py, gloo) stopped before its export leaves a folder of shards;
+    the same run directory with that folder consolidated by torch's own converter into one
+    Lightning file is read by the same code: equal EMA and raw weights, the same image from
+    `sample.py`, the same teacher and the same reference-format export."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from test_resume import _train_cli
+    from test_train import compose_train, tiny_overrides
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from kontext.checkpoint import load_file
+    from kontext.run import CONFIG_DIR
+    from kontext.sample import run_sample
+
+    root, fsdp_run, single_run = tmp_path, tmp_path / "fsdp", tmp_path / "single"
+    base = tiny_overrides(root, random_ae)
+    for step in compose_train(base).prepare.values():  # shards and feature cache
+        instantiate(step)
+    _train_cli([*base, f"paths.output_dir={fsdp_run}", "trainer=fsdp", "trainer.accelerator=cpu",
+                "trainer.devices=2", "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
+                "callbacks.metrics.grid_every_n_steps=0", "stage.ema_decay=0.5",
+                "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false"], root)
+    shards = fsdp_run / "checkpoints" / "last.ckpt"
+    assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2 and not (fsdp_run / "export").exists()
+
+    # The independent consolidation: torch's DCP converter for the shards, plus Lightning's meta.pt.
+    (single_run / "checkpoints").mkdir(parents=True)
+    (single_run / "config.yaml").write_bytes((fsdp_run / "config.yaml").read_bytes())
+    single = single_run / "checkpoints" / "last.ckpt"
+    dcp_to_torch_save(shards, single)
+    state = load_file(single)
+    state.update(load_file(shards / "meta.pt"))
+    torch.save(state, single)
+    assert single.is_file() and state["global_step"] == 2
+
+    a, b = read_artifact(fsdp_run, raw=True), read_artifact(single_run, raw=True)
+    assert a.path == shards and b.path == single and a.params == b.params
+    assert_same_weights(a.ema, b.ema)
+    assert_same_weights(a.raw, b.raw)
+    assert any(not torch.equal(a.ema[k], a.raw[k]) for k in a.ema)  # two different sets of weights
+
+    images = []
+    for source in (fsdp_run, shards, single_run):
+        out = tmp_path / f"{len(images)}.png"
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("sample", overrides=[f"checkpoint={source}", "prompt=a red circle", "steps=2",
+                                               "progress=false", "device=cpu", f"output={out}"])
+        assert run_sample(cfg) == 0
+        images.append(out.read_bytes())
+    assert images[0] == images[1] == images[2]
+
+    assert_same_weights(load_teacher(fsdp_run).state_dict(), b.ema)
+    exported = load_flux(export_transformer(fsdp_run, tmp_path / "fsdp.safetensors", ema=False)).state_dict()
+    assert_same_weights(exported, b.raw)
