@@ -17,7 +17,7 @@ from kontext import distill, flow, packing, sampling
 from kontext.errors import KontextError
 from kontext.model import build_flux, get_params, load_flux
 from kontext.run import run
-from kontext.stages.teacher import init_student, load_teacher
+from kontext.stages.teacher import Teacher, init_student, load_teacher
 
 
 # ----------------------------------------------------------------------------- plain math
@@ -139,6 +139,32 @@ def test_teacher_guided_velocity_equals_two_forwards():
     torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
 
 
+def test_teacher_is_frozen_and_runs_with_its_own_guidance_input():
+    """`Teacher` against the functions it stands for: CFG against the empty prompt of the text
+    encoder it was given, its guidance input only when it has a guidance embedding."""
+    tokens = packing.prepare(torch.randn(2, 16, 8, 8), [torch.randn(2, 16, 8, 8)])
+    feats, empty = text_encoder().encode(["remove the red circle", "make it blue"]), text_encoder().encode([""])
+    t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 4.0])
+    for params, guidance in [("tiny", 2.5), (TINY_NO_GUIDANCE, None)]:
+        model = random_flux(3, params).train()
+        teacher = Teacher(model, guidance=2.5)
+        assert teacher.load("cpu", text_encoder()) is model and teacher.guidance_input == guidance
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        got = teacher.guided_velocity(tokens, tokens.img, t, feats.txt, feats.vec, w)
+        expected = sampling.velocity(model, tokens, tokens.img, t, feats.txt, feats.vec, guidance, cfg_scale=w,
+                                     uncond=(empty.txt, empty.vec))
+        assert torch.equal(got, expected)
+        times = [1.0, 0.5, 0.0]
+        assert torch.equal(teacher.sample(tokens, tokens.img, feats.txt, feats.vec, times, 3.0),
+                           sampling.denoise(model, tokens, tokens.img, feats.txt, feats.vec, times, guidance=guidance,
+                                            cfg_scale=3.0, uncond=(empty.txt, empty.vec)))
+    no_text = Teacher(random_flux(3))
+    no_text.load("cpu")
+    no_text.sample(tokens, tokens.img, feats.txt, feats.vec, [1.0, 0.0], 1.0)  # no CFG: no empty prompt needed
+    with pytest.raises(KontextError, match="text encoder"):
+        no_text.guided_velocity(tokens, tokens.img, t, feats.txt, feats.vec, w)
+
+
 def test_student_gets_a_zero_output_guidance_embedding_that_learns():
     teacher = random_flux(4, TINY_NO_GUIDANCE)
     student = build_flux("tiny")
@@ -169,8 +195,8 @@ def test_distill_loss_regresses_onto_the_guided_teacher():
     from kontext.stages.guidance_distill import GuidanceDistillStage
 
     teacher = random_flux(5, TINY_NO_GUIDANCE)
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder())
-    stage.attach_teacher(teacher)
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(teacher), text=text_encoder())
+    stage.setup("fit")
     x, ctx = torch.randn(2, 16, 8, 8), [torch.randn(2, 16, 8, 8)]
     feats = text_encoder().encode(["make the red circle blue", "remove the square"])
     u = text_encoder().encode([""])
@@ -198,9 +224,9 @@ def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
 
     teacher = random_flux(7, TINY_NO_GUIDANCE)
     steps = 3
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), points="teacher",
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(teacher), text=text_encoder(), points="teacher",
                                  trajectory_steps=steps, guidance_range=(4.0, 4.0))
-    stage.attach_teacher(teacher)
+    stage.setup("fit")
     feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
     # A different batch at every call: a path must keep the batch it started with.
     batches = [{"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
@@ -255,9 +281,9 @@ def test_guidance_embedder_learns_at_its_own_rate():
 
     from kontext.stages.guidance_distill import GuidanceDistillStage
 
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), guidance_lr=1e-2,
-                                 optimizer={"lr": 1e-4, "warmup_steps": 10})
-    stage.attach_teacher(random_flux(6, TINY_NO_GUIDANCE))
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(random_flux(6, TINY_NO_GUIDANCE)),
+                                 text=text_encoder(), guidance_lr=1e-2, optimizer={"lr": 1e-4, "warmup_steps": 10})
+    stage.setup("fit")
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
     feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
     batch = {"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],

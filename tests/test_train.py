@@ -334,13 +334,21 @@ def test_stage_options_are_written_once(name):
     for key, constant in constants.items():
         given = OmegaConf.to_container(yaml[key])
         assert {k: plain(v) for k, v in given.items()} == getattr(module, constant), key
-    signature = inspect.signature(get_object(yaml._target_).__init__)
-    for key, param in signature.parameters.items():
-        node = yaml._get_node(key) if key in yaml else None
-        if node is None or key in constants or OmegaConf.is_interpolation(yaml, key) or OmegaConf.is_config(node):
-            continue
-        default = param.default
-        assert plain(yaml[key]) == (plain(default) if not isinstance(default, tuple) else default), key
+
+    def check_scalars(node, skip=()):  # and those of a nested part built from its own _target_
+        signature = inspect.signature(get_object(node._target_).__init__)
+        for key, param in signature.parameters.items():
+            child = node._get_node(key) if key in node else None
+            if child is None or key in skip or OmegaConf.is_interpolation(node, key):
+                continue
+            if OmegaConf.is_config(child):
+                if "_target_" in child:
+                    check_scalars(child)
+                continue
+            default = param.default
+            assert plain(node[key]) == (plain(default) if not isinstance(default, tuple) else default), key
+
+    check_scalars(yaml, skip=constants)
 
 
 def test_an_unknown_stage_option_is_an_error():
