@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from distill_setup import TINY_NO_GUIDANCE, compose_distill, one_thread, shared_setting  # noqa: F401
+from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
 from kontext import distill, flow, packing, sampling
@@ -307,8 +308,17 @@ def setting(tmp_path_factory) -> dict:
 
 
 def test_guidance_distill_fast_dev_run(setting, tmp_path):
-    run(compose_distill(setting, "embedded_guidance_distill", tmp_path / "run", ["trainer.fast_dev_run=true"]))
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    FitRecord.last = None
+    run(compose_distill(setting, "embedded_guidance_distill", tmp_path / "run",
+                        ["trainer.fast_dev_run=true", "+callbacks.record._target_=fit_record.FitRecord"]))
+    fit = FitRecord.last
+    assert fit.steps == 1 and fit.metrics["train/loss"] > 0  # w in [3, 5]: the fresh student misses
+    # The student and its EMA took the step; the teacher, frozen, is the run it was read from.
+    assert "model.img_in.weight" in fit.moved and "ema.model.img_in.weight" in fit.moved
+    teacher = fit.module.teacher.model
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for name, value in load_teacher(setting["teacher"]).state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize("points", ["data", "teacher"])

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from distill_setup import compose_distill, one_thread, shared_setting  # noqa: F401
+from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
 from kontext import packing
@@ -20,7 +21,7 @@ from kontext.layers import timestep_embedding
 from kontext.model import TIME_EMBED_DIM, get_params
 from kontext.run import run
 from kontext.stages.ladd import LADDStage
-from kontext.stages.teacher import Teacher
+from kontext.stages.teacher import Teacher, load_teacher
 
 
 def _inputs(b: int = 2, target_hw=(8, 8), ctx_hw=(12, 8), n_txt: int = 5):
@@ -229,10 +230,23 @@ def setting(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(("reals", "inputs"), [("teacher", "data"), ("data", "data"), ("data", "simulate")])
 def test_ladd_fast_dev_run(setting, tmp_path, reals, inputs):
+    FitRecord.last = None
     run(compose_distill(setting, "embedded_ladd", tmp_path / "run",
                         ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2",
-                         "stage.distill_weight=0.5", f"stage.student_inputs={inputs}"]))
-    assert (tmp_path / "run" / "config.yaml").is_file()
+                         "stage.distill_weight=0.5", f"stage.student_inputs={inputs}",
+                         "+callbacks.record._target_=fit_record.FitRecord"]))
+    fit = FitRecord.last
+    # Update 0 of the cycle is the student's: its loss is the weighted sum of its two terms.
+    assert fit.steps == 1 and {"train/g_loss", "train/g_adv", "train/g_distill"} <= set(fit.metrics)
+    assert "train/d_loss" not in fit.metrics
+    assert fit.metrics["train/g_loss"] == pytest.approx(fit.metrics["train/g_adv"] + 0.5 * fit.metrics["train/g_distill"],
+                                                        rel=1e-5)
+    # The student and its EMA moved, the discriminator's heads did not; the teacher is the run it was read from.
+    assert "model.img_in.weight" in fit.moved and "ema.model.img_in.weight" in fit.moved
+    assert not any(name.startswith("discriminator.") for name in fit.moved)
+    teacher = fit.module.teacher.model
+    for name, value in load_teacher(setting["teacher"]).state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
 
 
 def test_ladd_trains_and_exports_its_few_step_sampler(setting, tmp_path):

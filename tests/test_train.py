@@ -122,11 +122,22 @@ def test_flow_stage_trains_and_finishes(tmp_path, random_ae):
 
 
 def test_autoencoder_stage_fast_dev_run(tmp_path, random_ae):
+    from fit_record import FitRecord
+
+    FitRecord.last = None
     cfg = compose_train(["experiment=embedded_autoencoder", f"paths.root_dir={tmp_path}",
                          f"paths.output_dir={tmp_path}/run", f"paths.autoencoder={tmp_path}/ae_out.safetensors",
                          "logger=csv", "trainer.fast_dev_run=true", "trainer.precision=32-true",
-                         "data.batch_size=2"])
+                         "data.batch_size=2", "+callbacks.record._target_=fit_record.FitRecord"])
     run(cfg)
+    fit = FitRecord.last
+    assert fit.steps == 1 and int(fit.module.train_images) == 2  # one batch of two scenes, no references
+    m, w = fit.metrics, cfg.stage.loss  # the loss is the configured sum of its logged terms
+    terms = m["train/rec"] + w.kl_weight * m["train/kl"] + w.l2_weight * m["train/l2"]
+    assert m["train/loss"] == pytest.approx(terms + w.palette_weight * m["train/palette"], rel=1e-5)
+    assert {"ae.encoder.conv_in.weight", "ae.decoder.conv_out.weight"} <= fit.moved
+    assert "val/psnr" in m and "val/class_agreement" in m  # fast_dev_run validates one batch
+    assert not (tmp_path / "ae_out.safetensors").exists()  # a fast_dev_run exports nothing
 
 
 def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
