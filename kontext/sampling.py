@@ -12,8 +12,9 @@ together:
 - ``cfg_scale`` != 1: true classifier-free guidance against an unconditional prompt,
   ``v = v_uncond + cfg_scale (v_cond - v_uncond)``.
 
-:func:`sample_latents` is the whole path from seed to target latent: noise, packing, schedule
-(mu from the target token count only), denoise, unpacking. Training uses the same packing.
+`KontextPipeline` runs the whole path from seed to target latent: `get_noise`, the packing,
+the schedule (mu from the target token count only), `denoise`, the unpacking. Training uses the
+same packing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kontext import packing
-from kontext.flow import cfg_velocity, euler_step, schedule
+from kontext.flow import cfg_velocity, euler_step
 
 LATENT_CHANNELS = 16
 
@@ -130,39 +131,3 @@ def denoise(
         img = euler_step(img, v, t_curr, t_next)
     return img
 
-
-def sample_latents(
-    model: nn.Module,
-    context_latents: Sequence[Tensor],
-    txt: Tensor,
-    vec: Tensor,
-    height: int,
-    width: int,
-    steps: int = 30,
-    seed: int = 0,
-    guidance: float | None = None,
-    cfg_scale: float = 1.0,
-    uncond=None,
-    timesteps: Sequence[float] | Tensor | None = None,
-    shift: bool = True,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """Sample target latents (B, 16, height, width) for the given contexts and text.
-
-    context_latents: zero or more (B, 16, h_i, w_i) latents (empty for text-to-image).
-    txt, vec: text features of the instruction, (B, L_txt, D_txt) and (B, D_vec); they set the
-        batch size, the device and (unless ``dtype`` is given) the dtype.
-    height, width: the target latent size (image size / 8), even.
-    timesteps: explicit times overriding ``steps`` and the schedule (few-step students).
-    """
-    b = txt.shape[0]
-    dtype = dtype or txt.dtype
-    noise = get_noise(b, height, width, seed, txt.device, dtype)
-    contexts = [c.to(device=txt.device, dtype=dtype) for c in context_latents]
-    tokens = packing.prepare(noise, contexts)
-    if timesteps is None:
-        timesteps = schedule(steps, tokens.img.shape[1], shift=shift)  # target tokens only
-    img = denoise(model, tokens, tokens.img, txt, vec, timesteps, guidance=guidance, cfg_scale=cfg_scale,
-                  uncond=uncond, progress=progress)
-    return tokens.unpack(img)  # (B, 16, height, width)

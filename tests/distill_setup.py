@@ -49,7 +49,7 @@ def compose_distill(setting: dict, experiment: str, out: Path, extra: list[str])
     from hydra import compose, initialize_config_dir
 
     overrides = [f"experiment={experiment}", f"paths.root_dir={setting['root']}", f"paths.output_dir={out}",
-                 f"paths.autoencoder={setting['ae']}", f"stage.teacher={setting['teacher']}", "model=tiny",
+                 f"paths.autoencoder={setting['ae']}", f"stage.teacher.source={setting['teacher']}", "model=tiny",
                  "logger=csv", "prepare.shapes_edit.n=32", "prepare.shapes_edit.shard_size=32",
                  "data.batch_size=4", "data.epoch_samples=32", *extra]
     if experiment == "embedded_ladd":  # the student starts from the teacher, not from a distilled run

@@ -11,13 +11,14 @@ import math
 import pytest
 import torch
 from distill_setup import TINY_NO_GUIDANCE, compose_distill, one_thread, shared_setting  # noqa: F401
+from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
 from kontext import distill, flow, packing, sampling
 from kontext.errors import KontextError
 from kontext.model import build_flux, get_params, load_flux
 from kontext.run import run
-from kontext.stages.teacher import init_student, load_teacher
+from kontext.stages.teacher import Teacher, init_student, load_teacher
 
 
 # ----------------------------------------------------------------------------- plain math
@@ -139,6 +140,32 @@ def test_teacher_guided_velocity_equals_two_forwards():
     torch.testing.assert_close(got, neg + w[:, None, None] * (cond - neg), atol=1e-5, rtol=1e-5)
 
 
+def test_teacher_is_frozen_and_runs_with_its_own_guidance_input():
+    """`Teacher` against the functions it stands for: CFG against the empty prompt of the text
+    encoder it was given, its guidance input only when it has a guidance embedding."""
+    tokens = packing.prepare(torch.randn(2, 16, 8, 8), [torch.randn(2, 16, 8, 8)])
+    feats, empty = text_encoder().encode(["remove the red circle", "make it blue"]), text_encoder().encode([""])
+    t, w = torch.tensor([0.3, 0.8]), torch.tensor([2.0, 4.0])
+    for params, guidance in [("tiny", 2.5), (TINY_NO_GUIDANCE, None)]:
+        model = random_flux(3, params).train()
+        teacher = Teacher(model, guidance=2.5)
+        assert teacher.load("cpu", text_encoder()) is model and teacher.guidance_input == guidance
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        got = teacher.guided_velocity(tokens, tokens.img, t, feats.txt, feats.vec, w)
+        expected = sampling.velocity(model, tokens, tokens.img, t, feats.txt, feats.vec, guidance, cfg_scale=w,
+                                     uncond=(empty.txt, empty.vec))
+        assert torch.equal(got, expected)
+        times = [1.0, 0.5, 0.0]
+        assert torch.equal(teacher.sample(tokens, tokens.img, feats.txt, feats.vec, times, 3.0),
+                           sampling.denoise(model, tokens, tokens.img, feats.txt, feats.vec, times, guidance=guidance,
+                                            cfg_scale=3.0, uncond=(empty.txt, empty.vec)))
+    no_text = Teacher(random_flux(3))
+    no_text.load("cpu")
+    no_text.sample(tokens, tokens.img, feats.txt, feats.vec, [1.0, 0.0], 1.0)  # no CFG: no empty prompt needed
+    with pytest.raises(KontextError, match="text encoder"):
+        no_text.guided_velocity(tokens, tokens.img, t, feats.txt, feats.vec, w)
+
+
 def test_student_gets_a_zero_output_guidance_embedding_that_learns():
     teacher = random_flux(4, TINY_NO_GUIDANCE)
     student = build_flux("tiny")
@@ -169,8 +196,8 @@ def test_distill_loss_regresses_onto_the_guided_teacher():
     from kontext.stages.guidance_distill import GuidanceDistillStage
 
     teacher = random_flux(5, TINY_NO_GUIDANCE)
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder())
-    stage.attach_teacher(teacher)
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(teacher), text=text_encoder())
+    stage.setup("fit")
     x, ctx = torch.randn(2, 16, 8, 8), [torch.randn(2, 16, 8, 8)]
     feats = text_encoder().encode(["make the red circle blue", "remove the square"])
     u = text_encoder().encode([""])
@@ -198,9 +225,9 @@ def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
 
     teacher = random_flux(7, TINY_NO_GUIDANCE)
     steps = 3
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), points="teacher",
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(teacher), text=text_encoder(), points="teacher",
                                  trajectory_steps=steps, guidance_range=(4.0, 4.0))
-    stage.attach_teacher(teacher)
+    stage.setup("fit")
     feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
     # A different batch at every call: a path must keep the batch it started with.
     batches = [{"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
@@ -255,9 +282,9 @@ def test_guidance_embedder_learns_at_its_own_rate():
 
     from kontext.stages.guidance_distill import GuidanceDistillStage
 
-    stage = GuidanceDistillStage(get_params("tiny"), teacher="unused", text=text_encoder(), guidance_lr=1e-2,
-                                 optimizer={"lr": 1e-4, "warmup_steps": 10})
-    stage.attach_teacher(random_flux(6, TINY_NO_GUIDANCE))
+    stage = GuidanceDistillStage(get_params("tiny"), teacher=Teacher(random_flux(6, TINY_NO_GUIDANCE)),
+                                 text=text_encoder(), guidance_lr=1e-2, optimizer={"lr": 1e-4, "warmup_steps": 10})
+    stage.setup("fit")
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
     feats = text_encoder().encode(["make the red circle blue", "remove the green square"])
     batch = {"target_latent": torch.randn(2, 16, 8, 8), "reference_latents": [torch.randn(2, 16, 8, 8)],
@@ -281,8 +308,17 @@ def setting(tmp_path_factory) -> dict:
 
 
 def test_guidance_distill_fast_dev_run(setting, tmp_path):
-    run(compose_distill(setting, "embedded_guidance_distill", tmp_path / "run", ["trainer.fast_dev_run=true"]))
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    FitRecord.last = None
+    run(compose_distill(setting, "embedded_guidance_distill", tmp_path / "run",
+                        ["trainer.fast_dev_run=true", "+callbacks.record._target_=fit_record.FitRecord"]))
+    fit = FitRecord.last
+    assert fit.steps == 1 and fit.metrics["train/loss"] > 0  # w in [3, 5]: the fresh student misses
+    # The student and its EMA took the step; the teacher, frozen, is the run it was read from.
+    assert "model.img_in.weight" in fit.moved and "ema.model.img_in.weight" in fit.moved
+    teacher = fit.module.teacher.model
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for name, value in load_teacher(setting["teacher"]).state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize("points", ["data", "teacher"])

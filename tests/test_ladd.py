@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from distill_setup import compose_distill, one_thread, shared_setting  # noqa: F401
+from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
 from kontext import packing
@@ -20,6 +21,7 @@ from kontext.layers import timestep_embedding
 from kontext.model import TIME_EMBED_DIM, get_params
 from kontext.run import run
 from kontext.stages.ladd import LADDStage
+from kontext.stages.teacher import Teacher, load_teacher
 
 
 def _inputs(b: int = 2, target_hw=(8, 8), ctx_hw=(12, 8), n_txt: int = 5):
@@ -108,8 +110,8 @@ def _stage(**kwargs) -> LADDStage:
     settings = {"reals": {"steps": 2, "cfg": 2.0}, "optimizer": {"lr": 1e-3, "warmup_steps": 1},
                 "discriminator_optimizer": {"lr": 1e-3}, "discriminator": {"blocks": [1, 3], "channels": 16},
                 "finish": {"sampler": {"t2i_size": 64}}, **kwargs}
-    stage = LADDStage(get_params("tiny"), teacher="unused", text=text_encoder(), **settings)
-    stage.attach_teacher(random_flux(7))
+    stage = LADDStage(get_params("tiny"), teacher=Teacher(random_flux(7)), text=text_encoder(), **settings)
+    stage.setup("fit")
     return stage
 
 
@@ -132,7 +134,7 @@ def _changed(before: dict, module) -> set[str]:
 
 def test_generator_update_trains_the_student_through_the_frozen_teacher():
     stage = _stage(updates={"generator": 1, "discriminator": 1})
-    teacher = stage.teacher
+    teacher = stage.teacher.model
     before = {"teacher": _snapshot(teacher), "student": _snapshot(stage.model), "heads": _snapshot(stage.discriminator)}
     assert not any(p.requires_grad for p in teacher.parameters())
     _fit(stage, 1)  # update 0 of the cycle is the student's
@@ -156,10 +158,10 @@ def test_generator_loss_weighs_adversarial_and_regression_terms(adversarial_weig
 
 def test_discriminator_update_trains_the_heads_only():
     stage = _stage(updates={"generator": 0, "discriminator": 1}, r1_weight=0.1, reals={"source": "data"})
-    before = {"teacher": _snapshot(stage.teacher), "student": _snapshot(stage.model),
+    before = {"teacher": _snapshot(stage.teacher.model), "student": _snapshot(stage.model),
               "heads": _snapshot(stage.discriminator)}
     _fit(stage, 1)
-    assert _changed(before["teacher"], stage.teacher) == set()
+    assert _changed(before["teacher"], stage.teacher.model) == set()
     assert _changed(before["student"], stage.model) == set()
     assert "heads.0.conv_in.weight" in _changed(before["heads"], stage.discriminator)
     assert {"train/d_loss", "train/r1", "train/d_real", "train/d_fake"} <= set(stage.trainer.callback_metrics)
@@ -175,7 +177,7 @@ def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
     stage._gen = torch.Generator().manual_seed(3)
     x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
     empty = text_encoder().encode([""])
-    expected = denoise(stage.teacher, tokens, noise, feats.txt, feats.vec, schedule(2, tokens.n_img), guidance=1.0,
+    expected = denoise(stage.teacher.model, tokens, noise, feats.txt, feats.vec, schedule(2, tokens.n_img), guidance=1.0,
                        cfg_scale=2.0, uncond=(empty.txt, empty.vec))
     torch.testing.assert_close(x0, expected)  # the teacher's CFG sample of exactly this noise
     stage.reals_cfg["source"] = "data"
@@ -228,10 +230,23 @@ def setting(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(("reals", "inputs"), [("teacher", "data"), ("data", "data"), ("data", "simulate")])
 def test_ladd_fast_dev_run(setting, tmp_path, reals, inputs):
+    FitRecord.last = None
     run(compose_distill(setting, "embedded_ladd", tmp_path / "run",
                         ["trainer.fast_dev_run=true", f"stage.reals.source={reals}", "stage.reals.steps=2",
-                         "stage.distill_weight=0.5", f"stage.student_inputs={inputs}"]))
-    assert (tmp_path / "run" / "config.yaml").is_file()
+                         "stage.distill_weight=0.5", f"stage.student_inputs={inputs}",
+                         "+callbacks.record._target_=fit_record.FitRecord"]))
+    fit = FitRecord.last
+    # Update 0 of the cycle is the student's: its loss is the weighted sum of its two terms.
+    assert fit.steps == 1 and {"train/g_loss", "train/g_adv", "train/g_distill"} <= set(fit.metrics)
+    assert "train/d_loss" not in fit.metrics
+    assert fit.metrics["train/g_loss"] == pytest.approx(fit.metrics["train/g_adv"] + 0.5 * fit.metrics["train/g_distill"],
+                                                        rel=1e-5)
+    # The student and its EMA moved, the discriminator's heads did not; the teacher is the run it was read from.
+    assert "model.img_in.weight" in fit.moved and "ema.model.img_in.weight" in fit.moved
+    assert not any(name.startswith("discriminator.") for name in fit.moved)
+    teacher = fit.module.teacher.model
+    for name, value in load_teacher(setting["teacher"]).state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
 
 
 def test_ladd_trains_and_exports_its_few_step_sampler(setting, tmp_path):

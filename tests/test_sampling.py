@@ -1,12 +1,17 @@
-"""The Euler sampler: oracle velocity fields, context tokens, guidance, CFG, explicit times, seeds."""
+"""The Euler sampler: oracle velocity fields, context tokens, guidance, CFG, explicit times, seeds.
+
+The tests run what `KontextPipeline` runs between the encoders: its starting noise, its
+packing of target and context latents, and `denoise`.
+"""
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from kontext import packing
 from kontext.flow import schedule
-from kontext.sampling import denoise, get_noise, sample_latents
+from kontext.sampling import denoise, get_noise
 
 
 class OracleModel(nn.Module):
@@ -49,6 +54,13 @@ def _text(b=2, length=5, dim=8, vec_dim=6, seed=0):
     return torch.randn(b, length, dim, generator=g), torch.randn(b, vec_dim, generator=g)
 
 
+def _sample(model, contexts, txt, vec, height, width, seed, timesteps, **kwargs):
+    """Target latents (B, 16, height, width) from a seed, sampled as the pipeline samples them."""
+    noise = get_noise(txt.shape[0], height, width, seed, txt.device, txt.dtype)
+    tokens = packing.prepare(noise, contexts)
+    return tokens.unpack(denoise(model, tokens, tokens.img, txt, vec, timesteps, **kwargs))
+
+
 def test_get_noise_is_deterministic_for_a_seed():
     a = get_noise(2, 8, 6, seed=7, device="cpu", dtype=torch.float32)
     torch.manual_seed(123)  # the global RNG state plays no part
@@ -72,7 +84,7 @@ def test_oracle_field_recovers_the_data_with_contexts_in_the_input_only(context_
     model = OracleModel(ref.img)
     txt, vec = _text(b)
 
-    out = sample_latents(model, contexts, txt, vec, height=h, width=w, steps=6, seed=3)
+    out = _sample(model, contexts, txt, vec, h, w, seed=3, timesteps=schedule(6, n_img))
 
     assert out.shape == (b, 16, h, w)
     torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
@@ -88,15 +100,19 @@ def test_oracle_field_recovers_the_data_with_contexts_in_the_input_only(context_
             torch.testing.assert_close(call["img_ids"], ref.img_ids)
 
 
-def test_schedule_uses_target_tokens_only():
-    b, h, w = 1, 8, 8
-    x = torch.randn(b, 16, h, w)
-    contexts = [torch.randn(b, 16, 16, 16)]
-    model = OracleModel(packing.prepare(x, contexts).img)
-    txt, vec = _text(b)
-    sample_latents(model, contexts, txt, vec, height=h, width=w, steps=5, seed=0)
-    seen = torch.stack([c["t"][0] for c in model.calls])
-    torch.testing.assert_close(seen, schedule(5, h * w // 4)[:-1])
+def test_pipeline_schedule_uses_target_tokens_only():
+    from tiny_kontext import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    seen = []
+    handle = pipe.model.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[1], args[4][0])))
+    try:  # a 128x128 reference (16x16 latent, 64 tokens) and a 64x64 output (8x8 latent, 16 tokens)
+        pipe(Image.new("RGB", (128, 128), "white"), "make it red", seed=0, steps=5, width=64, height=64)
+    finally:
+        handle.remove()
+    assert [n for n, _ in seen] == [16 + 64] * 5
+    torch.testing.assert_close(torch.stack([t for _, t in seen]), schedule(5, 16)[:-1])
+    assert not torch.allclose(schedule(5, 16), schedule(5, 16 + 64))  # the test can tell them apart
 
 
 def test_constant_velocity_walks_the_straight_line_from_noise_to_data():
@@ -119,13 +135,13 @@ def test_explicit_timesteps_are_used_as_given():
     model = OracleModel(packing.pack(x))
     txt, vec = _text(b)
     times = [1.0, 0.9, 0.4, 0.0]
-    out = sample_latents(model, [], txt, vec, height=h, width=w, steps=50, seed=1, timesteps=times)
+    out = _sample(model, [], txt, vec, h, w, seed=1, timesteps=times)
     torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
     assert [round(c["t"][0].item(), 6) for c in model.calls] == times[:-1]
     assert all(c["t"].shape == (b,) for c in model.calls)
     # Stopping early leaves the sample on the line at the last time: x + t (noise - x).
     model = OracleModel(packing.pack(x))
-    part = sample_latents(model, [], txt, vec, height=h, width=w, seed=1, timesteps=torch.tensor([1.0, 0.5]))
+    part = _sample(model, [], txt, vec, h, w, seed=1, timesteps=torch.tensor([1.0, 0.5]))
     noise = get_noise(b, h, w, seed=1, device="cpu", dtype=torch.float32)
     torch.testing.assert_close(part, 0.5 * x + 0.5 * noise)
 
@@ -135,10 +151,10 @@ def test_guidance_vector_is_filled_when_given():
     x = torch.randn(b, 16, h, w)
     txt, vec = _text(b)
     model = OracleModel(packing.pack(x))
-    sample_latents(model, [], txt, vec, height=h, width=w, steps=2, guidance=2.5)
+    _sample(model, [], txt, vec, h, w, seed=0, timesteps=schedule(2, 4), guidance=2.5)
     assert all(torch.equal(c["guidance"], torch.full((b,), 2.5)) for c in model.calls)
     model = OracleModel(packing.pack(x))
-    sample_latents(model, [], txt, vec, height=h, width=w, steps=2)
+    _sample(model, [], txt, vec, h, w, seed=0, timesteps=schedule(2, 4))
     assert all(c["guidance"] is None for c in model.calls)
 
 
@@ -213,15 +229,15 @@ def test_real_model_sampling_is_deterministic_for_a_seed():
     g = torch.Generator().manual_seed(0)
     txt, vec = _prompt(p, b, 7, g)
     ctx = [torch.randn(b, 16, h, w, generator=g)]
-    kw = dict(height=h, width=w, steps=3, guidance=2.5 if p.guidance_embed else None)
-    a = sample_latents(model, ctx, txt, vec, seed=11, **kw)
+    kw = dict(height=h, width=w, timesteps=schedule(3, h * w // 4), guidance=2.5 if p.guidance_embed else None)
+    a = _sample(model, ctx, txt, vec, seed=11, **kw)
     torch.manual_seed(999)
-    b_ = sample_latents(model, ctx, txt, vec, seed=11, **kw)
-    c = sample_latents(model, ctx, txt, vec, seed=12, **kw)
+    b_ = _sample(model, ctx, txt, vec, seed=11, **kw)
+    c = _sample(model, ctx, txt, vec, seed=12, **kw)
     assert a.shape == (b, 16, h, w) and torch.isfinite(a).all()
     assert torch.equal(a, b_) and not torch.equal(a, c)
     # The context changes the sample: it reaches the model.
-    d = sample_latents(model, [ctx[0] + 1], txt, vec, seed=11, **kw)
+    d = _sample(model, [ctx[0] + 1], txt, vec, seed=11, **kw)
     assert not torch.allclose(a, d)
 
 
@@ -234,9 +250,9 @@ def test_real_model_batched_cfg_equals_separate_forwards():
     neg_same = _prompt(p, b, 5, g)
     # The 2B forward of both branches against two plain conditional runs combined by hand.
     kw = dict(height=h, width=w, seed=2, timesteps=[1.0, 0.0], guidance=2.5 if p.guidance_embed else None)
-    guided = sample_latents(model, [], txt, vec, cfg_scale=3.0, uncond=neg_same, **kw)
-    cond = sample_latents(model, [], txt, vec, **kw)
-    neg = sample_latents(model, [], *neg_same, **kw)
+    guided = _sample(model, [], txt, vec, cfg_scale=3.0, uncond=neg_same, **kw)
+    cond = _sample(model, [], txt, vec, **kw)
+    neg = _sample(model, [], *neg_same, **kw)
     noise = get_noise(b, h, w, seed=2, device="cpu", dtype=torch.float32)
     # One step from t=1 to 0: sample = noise - v, so v = noise - sample for each branch.
     v = (noise - neg) + 3.0 * ((noise - cond) - (noise - neg))
@@ -261,7 +277,7 @@ def test_zero_padded_text_is_compacted_without_changing_the_sample():
 
     times = [1.0, 0.6, 0.0]
     kw = dict(height=h, width=w, seed=4, timesteps=times, guidance=2.5 if p.guidance_embed else None)
-    out = sample_latents(Recording(), [], txt, vec, cfg_scale=3.0, uncond=neg, **kw)
+    out = _sample(Recording(), [], txt, vec, cfg_scale=3.0, uncond=neg, **kw)
     assert seen == [10, 10]  # one 2B forward per step, on 10 of the 32 text rows (longest prompt + 1)
     # The same Euler steps by hand on the full 32 rows.
     x = packing.pack(get_noise(b, h, w, seed=4, device="cpu", dtype=torch.float32))

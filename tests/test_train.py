@@ -122,11 +122,22 @@ def test_flow_stage_trains_and_finishes(tmp_path, random_ae):
 
 
 def test_autoencoder_stage_fast_dev_run(tmp_path, random_ae):
+    from fit_record import FitRecord
+
+    FitRecord.last = None
     cfg = compose_train(["experiment=embedded_autoencoder", f"paths.root_dir={tmp_path}",
                          f"paths.output_dir={tmp_path}/run", f"paths.autoencoder={tmp_path}/ae_out.safetensors",
                          "logger=csv", "trainer.fast_dev_run=true", "trainer.precision=32-true",
-                         "data.batch_size=2"])
+                         "data.batch_size=2", "+callbacks.record._target_=fit_record.FitRecord"])
     run(cfg)
+    fit = FitRecord.last
+    assert fit.steps == 1 and int(fit.module.train_images) == 2  # one batch of two scenes, no references
+    m, w = fit.metrics, cfg.stage.loss  # the loss is the configured sum of its logged terms
+    terms = m["train/rec"] + w.kl_weight * m["train/kl"] + w.l2_weight * m["train/l2"]
+    assert m["train/loss"] == pytest.approx(terms + w.palette_weight * m["train/palette"], rel=1e-5)
+    assert {"ae.encoder.conv_in.weight", "ae.decoder.conv_out.weight"} <= fit.moved
+    assert "val/psnr" in m and "val/class_agreement" in m  # fast_dev_run validates one batch
+    assert not (tmp_path / "ae_out.safetensors").exists()  # a fast_dev_run exports nothing
 
 
 def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -334,13 +345,21 @@ def test_stage_options_are_written_once(name):
     for key, constant in constants.items():
         given = OmegaConf.to_container(yaml[key])
         assert {k: plain(v) for k, v in given.items()} == getattr(module, constant), key
-    signature = inspect.signature(get_object(yaml._target_).__init__)
-    for key, param in signature.parameters.items():
-        node = yaml._get_node(key) if key in yaml else None
-        if node is None or key in constants or OmegaConf.is_interpolation(yaml, key) or OmegaConf.is_config(node):
-            continue
-        default = param.default
-        assert plain(yaml[key]) == (plain(default) if not isinstance(default, tuple) else default), key
+
+    def check_scalars(node, skip=()):  # and those of a nested part built from its own _target_
+        signature = inspect.signature(get_object(node._target_).__init__)
+        for key, param in signature.parameters.items():
+            child = node._get_node(key) if key in node else None
+            if child is None or key in skip or OmegaConf.is_interpolation(node, key):
+                continue
+            if OmegaConf.is_config(child):
+                if "_target_" in child:
+                    check_scalars(child)
+                continue
+            default = param.default
+            assert plain(node[key]) == (plain(default) if not isinstance(default, tuple) else default), key
+
+    check_scalars(yaml, skip=constants)
 
 
 def test_an_unknown_stage_option_is_an_error():

@@ -1,11 +1,11 @@
 """Guidance distillation (Meng et al. 2023; the FLUX.1 [dev] recipe, FLUX.1 Kontext paper §3):
 one network evaluation per sampling step instead of the two of classifier-free guidance.
 
-A frozen teacher is evaluated with true CFG, ``v_u + w (v_c - v_u)`` against the empty prompt,
-at a guidance scale ``w ~ U[guidance_range]`` drawn per sample; the student, the teacher's
-architecture with a guidance embedding (added with a zero output when the teacher has none,
-see :mod:`kontext.stages.teacher`), gets ``w`` as its guidance input and regresses its
-velocity onto the teacher's (MSE over target tokens). The result is a ``guidance_embed=True``
+A frozen teacher (:class:`kontext.stages.teacher.Teacher`) is evaluated with true CFG,
+``v_u + w (v_c - v_u)`` against the empty prompt, at a guidance scale ``w ~ U[guidance_range]``
+drawn per sample; the student, the teacher's architecture with a guidance embedding (added
+with a zero output when the teacher has none), gets ``w`` as its guidance input and regresses
+its velocity onto the teacher's (MSE over target tokens). The result is a ``guidance_embed=True``
 model that the sampler drives with ``guidance=w`` and ``cfg=1``.
 
 Where the noisy inputs come from (``points``):
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kontext import distill, flow, packing, sampling
+from kontext import distill, flow, packing
 from kontext.config_check import options
 from kontext.errors import KontextError
-from kontext.model import Flux, FluxParams
+from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
-from kontext.stages.teacher import init_student, load_teacher
+from kontext.stages.teacher import Teacher
 
 
 @dataclass
@@ -69,11 +69,10 @@ class GuidanceDistillStage(FlowStage):
     def __init__(
         self,
         model: FluxParams,
-        teacher: str,
+        teacher: Teacher | str,
         autoencoder: Any = None,
         text: Any = None,
         guidance_range: tuple[float, float] = (1.0, 5.0),
-        teacher_guidance: float = 1.0,
         guidance_lr: float | None = 1e-3,
         points: str = "data",
         trajectory_steps: int = 20,
@@ -91,8 +90,7 @@ class GuidanceDistillStage(FlowStage):
                          validation=options(VALIDATION, validation, "validation"),
                          finish=finish, parallel=parallel)
         self.guidance_range = (low, high)
-        self.teacher_source = str(teacher)
-        self.teacher_guidance = float(teacher_guidance)  # the input of a teacher that has a guidance embedding
+        self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
         self.guidance_lr = None if guidance_lr is None else float(guidance_lr)
         if points not in ("data", "teacher"):
             raise KontextError(f"stage.points must be 'data' or 'teacher', got {points!r}")
@@ -101,28 +99,17 @@ class GuidanceDistillStage(FlowStage):
         self.points, self.trajectory_steps = points, int(trajectory_steps)
         self._paths: dict[int, _Path] = {}  # in-flight teacher paths by slot
         self._path_calls = 0
-        self._frozen["teacher"] = None
-        self._uncond: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def teacher(self):
-        return self._frozen["teacher"]
 
     def setup(self, stage: str) -> None:
         """Load the frozen teacher and start the student from it. A resumed run's checkpoint is
         restored after this and replaces the student's weights."""
-        if self.teacher is None:
+        if self.teacher.model is None:
             if not self.params.guidance_embed:
                 raise KontextError("a guidance-distilled student takes the guidance as input: "
                                    "set model.guidance_embed=true")
-            self.attach_teacher(load_teacher(self.teacher_source, device=self.device))
-
-    def attach_teacher(self, teacher: Flux) -> None:
-        """Freeze ``teacher``, keep it outside the module tree (never trained, never saved) and
-        copy it into the student and its EMA."""
-        init_student(self.model, teacher.requires_grad_(False).eval())
-        self.ema.model.load_state_dict(self.model.state_dict())
-        self._frozen["teacher"] = teacher
+            # A frozen part, as the encoders are: moved to the device (and sharded) with them.
+            self._frozen["teacher"] = self.teacher.load(self.device, self.text)
+            self.teacher.start_student(self.model, self.ema.model)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -144,15 +131,6 @@ class GuidanceDistillStage(FlowStage):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         return [*groups, {"params": embedder, "lr": self.guidance_lr, "weight_decay": 0.0}]
 
-    def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The empty prompt's (txt (1, L, D), vec (1, D)), encoded once: the negative branch of CFG."""
-        if self._uncond is None:
-            if self.text is None:
-                raise KontextError("guidance distillation needs a text encoder for the empty prompt")
-            feats = self.text.encode([""])
-            self._uncond = (feats.txt, feats.vec)
-        return self._uncond[0].to(like), self._uncond[1].to(like)
-
     def distill_loss(self, x: Tensor, ctx: list[Tensor], txt: Tensor, vec: Tensor, w: Tensor | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """MSE between the student's velocity at guidance w and the teacher's CFG velocity at w,
@@ -166,16 +144,8 @@ class GuidanceDistillStage(FlowStage):
         if w is None:
             w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)
         w = w.to(x)
-        target = self._teacher_target(tokens, z_t, txt, t, vec, w)
+        target = self.teacher.guided_velocity(tokens, z_t, t, txt, vec, w, self.compact_text)
         return self._student_loss(tokens, z_t, txt, t, vec, w, target)
-
-    @torch.no_grad()
-    def _teacher_target(self, tokens: packing.KontextTokens, z_t: Tensor, txt: Tensor, t: Tensor, vec: Tensor,
-                        w: Tensor) -> Tensor:
-        """The teacher's guided velocity at guidance w on the target tokens (B, L_img, C) at ``z_t``."""
-        teacher_g = self.teacher_guidance if self.teacher.params.guidance_embed else None
-        return sampling.velocity(self.teacher, tokens, z_t, t, txt, vec, teacher_g, cfg_scale=w,
-                                 uncond=self.uncond(txt), compact=self.compact_text)
 
     def _student_loss(self, tokens: packing.KontextTokens, z_t: Tensor, txt: Tensor, t: Tensor, vec: Tensor,
                       w: Tensor, target: Tensor) -> Tensor:
@@ -204,7 +174,7 @@ class GuidanceDistillStage(FlowStage):
             path = self._paths[slot] = self._new_path(batch, slot if first else 0, generator)
         t_now, t_next = path.times[path.step], path.times[path.step + 1]
         t = torch.full((path.x.shape[0],), t_now, device=path.x.device, dtype=path.x.dtype)
-        target = self._teacher_target(path.tokens, path.x, path.txt, t, path.vec, path.w)
+        target = self.teacher.guided_velocity(path.tokens, path.x, t, path.txt, path.vec, path.w, self.compact_text)
         loss = self._student_loss(path.tokens, path.x, path.txt, t, path.vec, path.w, target)
         path.x = flow.euler_step(path.x, target, t_now, t_next)  # the teacher's guided Euler step
         path.step += 1

@@ -26,7 +26,8 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
   adversarial term (0 is a regression-only ablation, which still computes it and still runs
   the discriminator's updates).
 
-The student starts from the teacher, or from another model of the same architecture (e.g. the
+The frozen teacher is a :class:`kontext.stages.teacher.Teacher` (its source and its guidance
+input). The student starts from it, or from another model of the same architecture (e.g. the
 guidance-distilled one, whose guidance input is then held at ``student_guidance``). It is
 sampled with an explicit time list of trained student times (``finish.sampler.timesteps``,
 default all of them, then 0), which the run's pipeline carries into the export.
@@ -41,13 +42,12 @@ from torch import Tensor
 
 from kontext import distill, flow, packing
 from kontext.config_check import options
-from kontext.discriminator import Discriminator, block_features, resolve_blocks
+from kontext.discriminator import Discriminator, resolve_blocks
 from kontext.errors import KontextError
-from kontext.model import Flux, FluxParams
-from kontext.sampling import denoise
+from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
-from kontext.stages.teacher import check_student, init_student, load_teacher
+from kontext.stages.teacher import Teacher, load_teacher
 
 # Defaults written once (configs/stage/ladd.yaml mirrors them).
 OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 1e-5, "warmup_steps": 20, "decay": "none", "min_lr_ratio": 1.0}
@@ -63,11 +63,10 @@ class LADDStage(FlowStage):
     def __init__(
         self,
         model: FluxParams,
-        teacher: str,
+        teacher: Teacher | str,
         autoencoder: Any = None,
         text: Any = None,
         student_init: str | None = None,
-        teacher_guidance: float = 1.0,
         student_guidance: float = 1.0,
         student_timesteps: list[float] = (1.0, 0.75, 0.5, 0.25),
         student_timestep_probs: list[float] | None = None,
@@ -93,8 +92,8 @@ class LADDStage(FlowStage):
                          train_guidance=student_guidance, validation=options(VALIDATION, validation, "validation"),
                          finish=finish, parallel=parallel)
         self.automatic_optimization = False
-        self.teacher_source, self.student_source = str(teacher), student_init
-        self.teacher_guidance, self.student_guidance = float(teacher_guidance), float(student_guidance)
+        self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher)
+        self.student_source, self.student_guidance = student_init, float(student_guidance)
         self.student_timesteps = [float(t) for t in student_timesteps]
         self.student_probs = None if student_timestep_probs is None else [float(p) for p in student_timestep_probs]
         if student_inputs not in ("data", "simulate"):
@@ -118,13 +117,7 @@ class LADDStage(FlowStage):
         self.feature_blocks = resolve_blocks(self.model, d_cfg["blocks"])
         self.discriminator = Discriminator(model.hidden_size, model.vec_in_dim, len(self.feature_blocks),
                                            int(d_cfg["channels"]))
-        self._frozen["teacher"] = None
-        self._uncond: tuple[Tensor, Tensor] | None = None
         self._gen: torch.Generator | None = None  # this update's noise (see FlowStage.noise_generator)
-
-    @property
-    def teacher(self):
-        return self._frozen["teacher"]
 
     def _sample_times(self, times: list[float] | None) -> list[float]:
         """The exported sampler's time list: every step at a trained student time, ending at 0."""
@@ -140,19 +133,11 @@ class LADDStage(FlowStage):
     def setup(self, stage: str) -> None:
         """Load the frozen teacher and the student's starting point (the teacher unless
         `student_init`). A resumed run's checkpoint is restored after this."""
-        if self.teacher is None:
-            teacher = load_teacher(self.teacher_source, device=self.device)
+        if self.teacher.model is None:
+            # A frozen part, as the encoders are: moved to the device (and sharded) with them.
+            self._frozen["teacher"] = self.teacher.load(self.device, self.text)
             source = None if self.student_source is None else load_teacher(self.student_source, device=self.device)
-            self.attach_teacher(teacher, source)
-
-    def attach_teacher(self, teacher: Flux, student_source: Flux | None = None) -> None:
-        """Freeze ``teacher`` (kept outside the module tree: never trained, never saved) and start
-        the student and its EMA from ``student_source`` (default: the teacher)."""
-        teacher.requires_grad_(False).eval()
-        check_student(self.params, teacher.params)
-        init_student(self.model, teacher if student_source is None else student_source)
-        self.ema.model.load_state_dict(self.model.state_dict())
-        self._frozen["teacher"] = teacher
+            self.teacher.start_student(self.model, self.ema.model, source)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -173,14 +158,6 @@ class LADDStage(FlowStage):
         return [student["optimizer"], opt_d], [student["lr_scheduler"]["scheduler"]]
 
     # -- pieces ----------------------------------------------------------------------------------
-    def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        if self._uncond is None:
-            if self.text is None:
-                raise KontextError("LADD needs a text encoder for the empty prompt of the teacher's CFG")
-            feats = self.text.encode([""])
-            self._uncond = (feats.txt, feats.vec)
-        return self._uncond[0].to(like), self._uncond[1].to(like)
-
     def _full(self, b: int, value: float, like: Tensor) -> Tensor:
         return torch.full((b,), value, device=like.device, dtype=like.dtype)
 
@@ -200,11 +177,7 @@ class LADDStage(FlowStage):
             return tokens.img, noise
         r = self.reals_cfg
         times = flow.schedule(int(r["steps"]), tokens.n_img)
-        guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
-        cfg = float(r["cfg"])
-        x0 = denoise(self.teacher, tokens, noise, txt, vec, times, guidance=guidance, cfg_scale=cfg,
-                     uncond=self.uncond(txt) if cfg != 1.0 else None)
-        return x0, noise
+        return self.teacher.sample(tokens, noise, txt, vec, times, float(r["cfg"])), noise
 
     def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
         """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,)."""
@@ -240,9 +213,8 @@ class LADDStage(FlowStage):
     def features(self, x0: Tensor, t_hat: Tensor, noise: Tensor, tokens: packing.KontextTokens,
                  txt: Tensor, vec: Tensor) -> list[Tensor]:
         """Teacher features of x0 re-noised to t_hat, with the batch's context tokens and text."""
-        guidance = self.teacher_guidance if self.teacher.params.guidance_embed else None
-        return block_features(self.teacher, self.feature_blocks, tokens, distill.renoise(x0, noise, t_hat), t_hat,
-                              txt, vec, guidance, self.compact_text)
+        return self.teacher.features(self.feature_blocks, tokens, distill.renoise(x0, noise, t_hat), t_hat, txt, vec,
+                                     self.compact_text)
 
     def _t_hat(self, b: int, like: Tensor) -> Tensor:
         r = self.renoise_cfg

@@ -3,22 +3,30 @@
 A teacher is given as whatever the rest of the project writes (:mod:`kontext.artifact`): a
 training run directory, a flow-stage checkpoint (a file or an FSDP folder) or an export folder,
 or a reference-format transformer file (``.safetensors``, e.g. the official FLUX.1 Kontext
-weights); only its transformer is loaded. A student has the teacher's architecture, except that a
-guidance-distilled student adds the guidance embedding when the teacher has none; that
-embedder starts with a zero output (its last layer zero, its first one random so that the
-last one receives gradient), so the student starts as the teacher's conditional prediction
-for every guidance value (after SANA-Sprint).
+weights); only its transformer is loaded. :class:`Teacher` is what both distillation stages
+hold: it loads and freezes that transformer, keeps the empty prompt of its classifier-free
+guidance, and answers what the stages ask of it (its guided velocity, its CFG samples, its
+block features), always with its own guidance input.
+
+A student has the teacher's architecture, except that a guidance-distilled student adds the
+guidance embedding when the teacher has none; that embedder starts with a zero output (its
+last layer zero, its first one random so that the last one receives gradient), so the
+student starts as the teacher's conditional prediction for every guidance value (after
+SANA-Sprint).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from kontext import packing, sampling
+from kontext.discriminator import block_features
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
 
@@ -39,6 +47,87 @@ def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
                            "folder or a reference-format .safetensors)")
     model = read_artifact(path, params=params, device=device).transformer(device=device)
     return model.eval().requires_grad_(False)
+
+
+class Teacher:
+    """The frozen teacher of a distillation stage.
+
+    source: what :func:`load_teacher` reads (a run directory, a training checkpoint, an export
+        folder or a reference-format file), or a `Flux` already in memory.
+    guidance: the guidance-embedding input of a teacher that has one (ignored otherwise).
+
+    A stage calls `load` and `start_student` in its `setup`, holds the model as it holds its
+    frozen encoders (out of its module tree: never trained, never saved; moved to its device
+    with them) and casts it to the student's dtype (`to`) when the fit starts.
+    """
+
+    def __init__(self, source: str | os.PathLike | Flux, guidance: float = 1.0):
+        self.source = source
+        self.guidance = float(guidance)
+        self.model: Flux | None = None
+        self.text = None  # the student's text encoder: the empty prompt of the teacher's CFG
+        self._uncond: tuple[Tensor, Tensor] | None = None
+
+    def load(self, device: str | torch.device, text=None) -> Flux:
+        """Read the model (or take the one in memory), frozen and in eval mode, on ``device``;
+        ``text`` is the text encoder that will encode the empty prompt."""
+        if isinstance(self.source, Flux):
+            self.model = self.source.to(device).eval().requires_grad_(False)
+        else:
+            self.model = load_teacher(self.source, device=device)
+        self.text = text
+        return self.model
+
+    @property
+    def params(self) -> FluxParams:
+        return self.model.params
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Teacher:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def start_student(self, student: Flux, ema: Flux, source: Flux | None = None) -> None:
+        """Check that ``student`` fits the teacher and start it and its ``ema`` from ``source``
+        (default: the teacher), see :func:`init_student`."""
+        check_student(student.params, self.params)
+        init_student(student, self.model if source is None else source)
+        ema.load_state_dict(student.state_dict())
+
+    @property
+    def guidance_input(self) -> float | None:
+        return self.guidance if self.params.guidance_embed else None
+
+    def uncond(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The empty prompt's (txt (1, L, D), vec (1, D)), encoded once: the negative branch of CFG."""
+        if self._uncond is None:
+            if self.text is None:
+                raise KontextError("the teacher's classifier-free guidance needs a text encoder for the empty prompt")
+            feats = self.text.encode([""])
+            self._uncond = (feats.txt, feats.vec)
+        return self._uncond[0].to(like), self._uncond[1].to(like)
+
+    @torch.no_grad()
+    def guided_velocity(self, tokens: packing.KontextTokens, img: Tensor, t: Tensor, txt: Tensor, vec: Tensor,
+                        w: Tensor | float, compact: bool = True) -> Tensor:
+        """``v_u + w (v_c - v_u)`` against the empty prompt (B, L_img, C), at the target tokens
+        ``img`` (B, L_img, C), times t (B,) and guidance scale w (one, or one per sample (B,))."""
+        return sampling.velocity(self.model, tokens, img, t, txt, vec, self.guidance_input, cfg_scale=w,
+                                 uncond=self.uncond(txt), compact=compact)
+
+    @torch.no_grad()
+    def sample(self, tokens: packing.KontextTokens, noise: Tensor, txt: Tensor, vec: Tensor,
+               timesteps: Sequence[float] | Tensor, cfg_scale: float) -> Tensor:
+        """The teacher's samples (B, L_img, C) from ``noise`` (B, L_img, C) over ``timesteps``,
+        with true CFG at ``cfg_scale`` (1: the conditional path only)."""
+        uncond = self.uncond(txt) if cfg_scale != 1.0 else None
+        return sampling.denoise(self.model, tokens, noise, txt, vec, timesteps, guidance=self.guidance_input,
+                                cfg_scale=cfg_scale, uncond=uncond)
+
+    def features(self, blocks: Sequence[int], tokens: packing.KontextTokens, img: Tensor, t: Tensor, txt: Tensor,
+                 vec: Tensor, compact: bool = True) -> list[Tensor]:
+        """The teacher's target-token features after ``blocks`` (see `block_features`); gradients
+        flow to ``img``, never into the teacher's weights."""
+        return block_features(self.model, blocks, tokens, img, t, txt, vec, self.guidance_input, compact)
 
 
 def check_student(student: FluxParams, teacher: FluxParams, what: str = "student") -> None:
