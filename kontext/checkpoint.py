@@ -340,11 +340,11 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
-    """A flow-stage checkpoint's transformer (EMA or raw weights) as a reference-format
-    safetensors file; the architecture comes from the run's `config.yaml` beside `checkpoints/`."""
-    from kontext.loading import model_params
-    from kontext.model import build_flux, save_flux
-    from kontext.weights import load_into
+    """A flow-stage checkpoint's transformer (EMA or raw weights; for a LoRA run its base with
+    those adapters merged) as a reference-format safetensors file; the architecture comes from
+    the run's `config.yaml` beside `checkpoints/`."""
+    from kontext.loading import ema_transformer, load_run_config, model_params
+    from kontext.model import save_flux
 
     ckpt = Path(ckpt)
     config = ckpt.resolve().parent.parent / "config.yaml"
@@ -352,8 +352,7 @@ def export_transformer(ckpt: str | os.PathLike, out: str | os.PathLike, ema: boo
         raise KontextError(f"{config} not found: the run's config names the architecture")
     params = model_params(config)
     weights = consolidate(ckpt, prefix="state_dict.ema.model." if ema else "state_dict.model.")
-    model = build_flux(params, device="meta")
-    load_into(model, weights, what=f"{'EMA' if ema else 'raw'} weights of {ckpt}", assign=True)
+    model = ema_transformer(weights, load_run_config(config), params, f"{'EMA' if ema else 'raw'} weights of {ckpt}")
     return Path(save_flux(model, out))
 
 

@@ -5,7 +5,8 @@ Sources:
 - a run directory: `config.yaml` (the resolved Hydra config, sections `model`, `autoencoder`,
   `text`, `stage`) and `checkpoints/*.ckpt` (the newest, `last.ckpt` first), or its `export/`;
 - a Lightning checkpoint of the flow stage: its EMA weights (keys `ema.model.*`), with the
-  `config.yaml` of its run directory;
+  `config.yaml` of its run directory; for a LoRA run the EMA adapters merged into the run's base
+  (`stage.init_from`);
 - the official FLUX.1 Kontext files: a reference-format transformer, `ae.safetensors` and
   local T5 / CLIP folders.
 
@@ -55,7 +56,8 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _load_yaml(path: Path):
+def load_run_config(path: Path):
+    """A run's `config.yaml`, refused if it holds an interpolation (a resolver could run code)."""
     from omegaconf import OmegaConf
 
     if not path.is_file():
@@ -153,7 +155,7 @@ def sampler_defaults_from_run(cfg) -> dict:
 
 def model_params(config: Path):
     """The `FluxParams` of a run's `config.yaml`."""
-    return _instantiate(_load_yaml(config).get("model"), "model", config)
+    return _instantiate(load_run_config(config).get("model"), "model", config)
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -178,9 +180,6 @@ def from_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
                     **pipeline_kwargs) -> KontextPipeline:
     """A flow-stage Lightning checkpoint: its EMA weights, built per its run's `config.yaml`
     (found next to the checkpoint's folder unless `config` is given)."""
-    from kontext.model import build_flux
-    from kontext.weights import load_into
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise KontextError(f"checkpoint not found: {path}")
@@ -188,14 +187,13 @@ def from_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
         candidates = [path.parent.parent / "config.yaml", path.parent / "config.yaml"]
         config = next((c for c in candidates if c.is_file()), candidates[0])
     config = Path(config)
-    cfg = _load_yaml(config)
+    cfg = load_run_config(config)
     params = _instantiate(cfg.get("model"), "model", config)
     state = _read_checkpoint(path)
     ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
     if not ema:
         raise KontextError(f"{path} holds no EMA weights (keys {EMA_PREFIX}*); is it a flow-stage checkpoint?")
-    model = build_flux(params, device="meta")
-    load_into(model, ema, what=f"EMA weights in {path} (config {config})", assign=True)
+    model = ema_transformer(ema, cfg, params, f"{path} (config {config})")
     model.to(device=device, dtype=dtype)
     autoencoder = build_autoencoder(cfg.get("autoencoder"), config).to(device)
     text = _instantiate(cfg.get("text"), "text", config).to(device)
@@ -204,6 +202,29 @@ def from_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     pipe.text_config = _plain(cfg.get("text"))
     pipe.source = str(path)
     return pipe
+
+
+def ema_transformer(ema: dict, cfg, params, where: str):
+    """The transformer of a checkpoint's EMA tensors (keys without `ema.model.`): the weights
+    themselves, or for a LoRA run (`stage.lora` in its config) its base `stage.init_from` with
+    the EMA adapters merged in."""
+    from omegaconf import OmegaConf
+
+    from kontext.model import build_flux, load_flux
+    from kontext.weights import load_into
+
+    lora = OmegaConf.select(cfg, "stage.lora", default=None)
+    if lora is None:
+        model = build_flux(params, device="meta")
+        return load_into(model, ema, what=f"EMA weights in {where}", assign=True)
+    from kontext.lora import adapters_from_state
+    from kontext.lora_files import merge
+
+    base = OmegaConf.select(cfg, "stage.init_from", default=None)
+    if not base or not Path(str(base)).is_file():
+        raise KontextError(f"{where} is a LoRA run whose base stage.init_from={base} is not there")
+    return merge(load_flux(str(base), params), adapters_from_state(ema, float(lora["alpha"])),
+                 what=f"the EMA adapters in {where}")
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
