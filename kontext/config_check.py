@@ -162,10 +162,10 @@ KEYS: dict[str, object] = {
     "data.max_consecutive_bad": POSITIVE,
     "data.max_pixels": Num(1, null=True),
     "data.val_samples": COUNT,
-    "lora.rank": POSITIVE,
-    "lora.alpha": Num(0, real=True, above_lo=True),
-    "lora.dropout": Num(0, 1, real=True, below_hi=True),
-    "lora.targets": Names(),
+    "adapter.rank": POSITIVE,
+    "adapter.alpha": Num(0, real=True, above_lo=True),
+    "adapter.dropout": Num(0, 1, real=True, below_hi=True),
+    "adapter.targets": Names(),
     "stage.optimizer.lr": Num(0, real=True),
     "stage.optimizer.betas": Pair(),
     "stage.optimizer.weight_decay": Num(0, real=True),
@@ -221,9 +221,9 @@ def check_config(cfg: DictConfig) -> None:
         value = _value(cfg, key)
         if value is not _MISSING and (problem := spec.problem(value)):
             raise KontextError(f"{key}={value!r}: {problem}")
-    if _value(cfg, "lora") not in (_MISSING, None) and _value(cfg, "stage.lora") is _MISSING:
-        raise KontextError(f"lora=... trains adapters in the flow stage; {_value(cfg, 'stage._target_')} "
-                           "takes none (drop lora= or use stage=flow)")
+    if _value(cfg, "adapter") not in (_MISSING, None) and _value(cfg, "stage.lora") is _MISSING:
+        raise KontextError(f"adapter=... trains adapters in the flow stage; {_value(cfg, 'stage._target_')} "
+                           "takes none (drop adapter= or use stage=flow)")
     _check_targets(cfg, "")
 
 

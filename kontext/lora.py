@@ -25,7 +25,7 @@ from kontext.errors import KontextError
 from kontext.lora_files import Adapter, LoraWeights
 
 ADAPTER = "default"  # peft's name for the one adapter a training run has
-# The stage's `lora` options and their defaults (configs/lora/default.yaml mirrors them): every
+# The stage's `lora` options and their defaults (configs/adapter/lora.yaml mirrors them): every
 # linear layer of every block except the adaLN modulation, rank 16, scale alpha / rank = 1.
 LORA = {
     "rank": 16,
@@ -38,13 +38,14 @@ LORA = {
 
 
 def lora_options(given: dict | None) -> dict | None:
-    """The `lora` options over `LORA` (None: no adapters), each checked for its type and range."""
+    """The `lora` options over `LORA` (None: no adapters), each checked for its type and range;
+    errors name them as the command line does (`adapter.rank`)."""
     if given is None:
         return None
-    cfg = options(LORA, plain(given), "lora")
+    cfg = options(LORA, plain(given), "adapter")
     for key, value in cfg.items():
-        if problem := KEYS[f"lora.{key}"].problem(value):
-            raise KontextError(f"lora.{key}={value!r}: {problem}")
+        if problem := KEYS[f"adapter.{key}"].problem(value):
+            raise KontextError(f"adapter.{key}={value!r}: {problem}")
     cfg["targets"] = tuple(cfg["targets"])
     return cfg
 
@@ -64,7 +65,7 @@ def resolve_targets(model: nn.Module, patterns) -> list[str]:
     for pattern in patterns:
         hit = [name for name in linears if matches(name, pattern)]
         if not hit:
-            raise KontextError(f"lora.targets: {pattern!r} names no linear layer of the model "
+            raise KontextError(f"adapter.targets: {pattern!r} names no linear layer of the model "
                                f"(they are named like {', '.join(linears[:1] + linears[-3:])})")
         chosen.update(hit)
     return [name for name in linears if name in chosen]

@@ -68,12 +68,12 @@ def loss_of(model, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------- the options
 
 def test_default_preset_is_the_module_defaults_and_every_preset_names_exact_layers():
-    yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "lora" / "default.yaml"))
+    yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "adapter" / "lora.yaml"))
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in yaml.items()} == LORA
     # tiny: 2 double blocks (img and txt: qkv, proj, mlp.0, mlp.2, mod.lin), 2 single blocks (linear1, linear2, modulation.lin)
-    expected = {"default": 2 * 8 + 2 * 2, "attention": 2 * 4 + 2 * 1, "all": 2 * 10 + 2 * 3}
+    expected = {"lora": 2 * 8 + 2 * 2, "lora_attention": 2 * 4 + 2 * 1, "lora_all": 2 * 10 + 2 * 3}
     for preset, count in expected.items():
-        cfg = lora_options(OmegaConf.to_container(compose_train([f"lora={preset}"]).lora))
+        cfg = lora_options(OmegaConf.to_container(compose_train([f"adapter={preset}"]).stage.lora))
         model = build_flux(TINY)
         names = add_adapters(model, cfg)
         assert len(names) == count, preset
@@ -81,10 +81,10 @@ def test_default_preset_is_the_module_defaults_and_every_preset_names_exact_laye
         assert len(trained) == 2 * count and all(".lora_" in n for n in trained)
         assert sum(p.numel() for p in trained.values()) == sum(
             16 * (m.in_features + m.out_features) for n, m in unwrap(build_flux(TINY)).named_modules() if n in names)
-    from kontext.memory_plan import lora_parameters  # the plan's "every block linear" is the `all` preset
+    from kontext.memory_plan import lora_parameters  # the plan's "every block linear" is the `lora_all` preset
 
     model = build_flux(TINY)
-    add_adapters(model, lora_options(OmegaConf.to_container(compose_train(["lora=all"]).lora)))
+    add_adapters(model, lora_options(OmegaConf.to_container(compose_train(["adapter=lora_all"]).stage.lora)))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_parameters(build_flux(TINY), 16)
 
 
@@ -96,12 +96,12 @@ def test_targets_by_reference_names():
     assert not matches("single_blocks.0.linear1", "linear") and not matches("img_in", "img")
     assert resolve_targets(build_flux(TINY), ["linear2", "single_blocks.1.linear1"]) == [
         "single_blocks.0.linear2", "single_blocks.1.linear1", "single_blocks.1.linear2"]
-    with pytest.raises(KontextError, match=r"lora.targets: 'img_attn.qkvv' names no linear layer") as err:
+    with pytest.raises(KontextError, match=r"adapter.targets: 'img_attn.qkvv' names no linear layer") as err:
         resolve_targets(build_flux(TINY), ["img_attn.qkv", "img_attn.qkvv"])
     assert "\n" not in str(err.value)
-    with pytest.raises(KontextError, match=r"unknown lora option\(s\) \['ranks'\]"):
+    with pytest.raises(KontextError, match=r"unknown adapter option\(s\) \['ranks'\]"):
         lora_options({"ranks": 4})
-    with pytest.raises(KontextError, match=r"lora.rank=0: expected an integer >= 1"):
+    with pytest.raises(KontextError, match=r"adapter.rank=0: expected an integer >= 1"):
         lora_options({"rank": 0})
 
 
@@ -266,7 +266,7 @@ def data_root(tmp_path_factory, random_ae):  # noqa: F811
 
 
 def lora_overrides(base_file) -> list[str]:
-    return ["lora=default", "lora.rank=4", "lora.alpha=8", "lora.dropout=0.1", f"stage.init_from={base_file}",
+    return ["adapter=lora", "adapter.rank=4", "adapter.alpha=8", "adapter.dropout=0.1", f"stage.init_from={base_file}",
             "stage.optimizer.lr=1e-2"]
 
 

@@ -92,7 +92,7 @@ class FlowStage(L.LightningModule):
         self.lora_cfg = lora_options(lora)
         self.init_from = init_from
         if self.lora_cfg is not None and not init_from:
-            raise KontextError("lora=... adapts trained weights: give stage.init_from=<reference-format .safetensors> "
+            raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors> "
                                "(a fresh model starts as the identity, which gives adapters no gradient)")
         self.model = Flux(model)
         if init_from:
