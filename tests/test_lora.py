@@ -20,8 +20,9 @@ from tiny_kontext import random_autoencoder, random_flux
 
 from kontext import flow, packing
 from kontext.errors import KontextError
-from kontext.lora import LORA, add_adapters, adapters, lora_options, matches, resolve_targets, unwrap
+from kontext.lora import LORA, add_adapters, lora_options, matches, resolve_targets, unwrap
 from kontext.lora_files import read_adapter
+from kontext.memory_plan import lora_parameters
 from kontext.model import FLUX_PRESETS, build_flux, load_flux, save_flux
 from kontext.run import CONFIG_DIR, run
 from kontext.stages.flow import FlowStage
@@ -81,9 +82,7 @@ def test_default_preset_is_the_module_defaults_and_every_preset_names_exact_laye
         assert len(trained) == 2 * count and all(".lora_" in n for n in trained)
         assert sum(p.numel() for p in trained.values()) == sum(
             16 * (m.in_features + m.out_features) for n, m in unwrap(build_flux(TINY)).named_modules() if n in names)
-    from kontext.memory_plan import lora_parameters  # the plan's "every block linear" is the `lora_all` preset
-
-    model = build_flux(TINY)
+    model = build_flux(TINY)  # the memory plan's "every block linear" is the `lora_all` preset
     add_adapters(model, lora_options(OmegaConf.to_container(compose_train(["adapter=lora_all"]).stage.lora)))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_parameters(build_flux(TINY), 16)
 

@@ -248,3 +248,95 @@ def test_adapter_names_follow_peft(adapted):
     _, model, _ = adapted
     layer = model.get_submodule("double_blocks.0.img_attn.qkv")
     assert layer.lora_A[ADAPTER].weight.shape == (RANK, 64) and layer.lora_B[ADAPTER].weight.shape == (192, RANK)
+
+
+# ----------------------------------------------------------------- sample.py and the export
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_kontext import tiny_pipeline
+
+    from kontext.export import export
+
+    return export(tiny_pipeline(seed=2), tmp_path_factory.mktemp("model") / "export")
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    """Two adapters of the tiny model on different layers, one per layout."""
+    folder = tmp_path_factory.mktemp("adapters")
+    a = adapters(with_random_adapters(random_model(), ["img_attn.qkv", "linear1"], seed=1))
+    b = adapters(with_random_adapters(random_model(), ["txt_mlp", "*.proj"], seed=2))
+    return (a, save_reference(a, folder / "a.safetensors")), (b, save_diffusers(b, folder / "b.safetensors"))
+
+
+def sample(model_dir, *overrides) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from kontext.run import CONFIG_DIR
+    from kontext.sample import run_sample
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"checkpoint={model_dir}", "progress=false", "steps=2", *overrides])
+    return run_sample(cfg)
+
+
+def test_sample_merges_adapters_at_their_scales(model_dir, two_adapters, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kontext.pipeline import KontextPipeline
+
+    (a, a_file), (b, b_file) = two_adapters
+    prompt = "a red circle in the center on a white background"
+    assert sample(model_dir, f"prompt='{prompt}'", f"output={tmp_path / 'plain.png'}") == 0
+    # Large scales: the tiny random model (near its adaLN-Zero start) reacts little to its weights.
+    assert sample(model_dir, f"prompt='{prompt}'", f"output={tmp_path / 'one.png'}", f"lora={a_file}",
+                  "lora_scale=8") == 0
+    assert sample(model_dir, f"prompt='{prompt}'", f"output={tmp_path / 'two.png'}", f"lora=[{a_file},{b_file}]",
+                  "lora_scale=[8,12]") == 0
+    pipe = KontextPipeline.from_export(model_dir)
+    plain = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    for name, w in a.layers.items():  # merged by hand
+        pipe.model.get_submodule(name).weight.data += 8 * (ALPHA / RANK) * w.up @ w.down
+    one = np.asarray(pipe(None, prompt, seed=0, steps=2))
+    for name, w in b.layers.items():
+        pipe.model.get_submodule(name).weight.data += 12 * (ALPHA / RANK) * w.up @ w.down
+    two = np.asarray(pipe(None, prompt, seed=0, steps=2))
+    images = {k: np.asarray(Image.open(tmp_path / f"{k}.png").convert("RGB")) for k in ("plain", "one", "two")}
+    assert np.abs(images["one"].astype(int) - one).max() <= 1 and np.abs(images["two"].astype(int) - two).max() <= 1
+    assert np.abs(images["one"].astype(int) - images["plain"]).mean() > 2  # the adapters change the picture
+    assert np.abs(images["two"].astype(int) - images["one"]).mean() > 1
+    pipe.model.load_state_dict(plain)
+    assert np.array_equal(np.asarray(pipe(None, prompt, seed=0, steps=2)), images["plain"])
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_one_line(model_dir, tmp_path, capsys):
+    params = get_params("tiny")
+    params.hidden_size, params.num_heads, params.axes_dim = 96, 6, [4, 6, 6]
+    wrong = adapters(with_random_adapters(build_flux(params), ["img_attn.qkv"]))
+    path = save_reference(wrong, tmp_path / "wrong.safetensors")
+    assert sample(model_dir, "prompt=x", f"output={tmp_path / 'x.png'}", f"lora={path}") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: LoRA {path} does not fit the model: 2 of another shape "
+                   "(double_blocks.0.img_attn.qkv: adapter 288x96 vs layer (192, 64); "
+                   "double_blocks.1.img_attn.qkv: adapter 288x96 vs layer (192, 64))"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_export_merges_adapters_into_the_model(model_dir, two_adapters, tmp_path):
+    from kontext.export import main
+    from kontext.model import load_flux
+
+    (a, a_file), (b, b_file) = two_adapters
+    main([f"source={model_dir}", f"out={tmp_path / 'merged'}", f"lora=[{a_file},{b_file}]", "lora_scale=[1,0.25]"])
+    base = load_flux(model_dir / "transformer.safetensors").state_dict()
+    merged = load_flux(tmp_path / "merged" / "transformer.safetensors").state_dict()
+    for key, value in merged.items():
+        want = base[key].clone()
+        for adapter, scale in ((a, 1.0), (b, 0.25)):
+            layer = key.removesuffix(".weight")
+            if key.endswith(".weight") and layer in adapter.layers:
+                want += scale * (ALPHA / RANK) * adapter.layers[layer].up @ adapter.layers[layer].down
+        torch.testing.assert_close(value, want, atol=1e-6, rtol=0, msg=key)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["source"].endswith(f"{b_file} x0.25")
