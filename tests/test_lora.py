@@ -307,6 +307,23 @@ def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_fi
     assert (run_dir / "lora" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_lora_run_under_bf16_autocast_keeps_the_base_in_bf16(data_root, random_ae, base_file):  # noqa: F811
+    """One process, Lightning's bf16-mixed precision: the base is stored in bf16, the adapters,
+    their EMA and their optimizer state in fp32; the export (the merge) comes out in bf16."""
+    run_dir = data_root / "bf16"
+    run(compose_train([*tiny_overrides(data_root, random_ae), *lora_overrides(base_file), f"paths.output_dir={run_dir}",
+                       "trainer.max_steps=2", "trainer.precision=bf16-mixed", "stage.optimizer.warmup_steps=1",
+                       "stage.finish.benchmark.n_per_op=0"]))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert {v.dtype for k, v in ckpt["state_dict"].items() if ".lora_" in k} == {torch.float32}
+    assert {v.dtype for s in ckpt["optimizer_states"][0]["state"].values() for v in s.values()
+            if v.is_floating_point() and v.ndim} == {torch.float32}
+    exported = load_flux(run_dir / "export" / "transformer.safetensors").state_dict()
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    moved = [v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and ".lora_B." in k]
+    assert max(v.abs().max() for v in moved) > 1e-4
+
+
 def test_lora_resume_after_preemption_is_exact(data_root, random_ae, base_file):  # noqa: F811
     """Dropout on, so the resumed run must also continue the random stream exactly."""
     def cfg(run_dir, *extra):
@@ -320,3 +337,74 @@ def test_lora_resume_after_preemption_is_exact(data_root, random_ae, base_file):
     assert_same_run(resumed, straight)
     assert all(k == "ema.num_updates" or ".lora_" in k for k in final_state(resumed)["weights"])
     assert len(step_losses(resumed)) == 12
+
+
+# ------------------------------------------------------------------------------ 2 processes
+
+def _train_cli(args: list[str], cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / "train.py"), *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.accumulate_grad_batches=2"]
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, base_file):  # noqa: F811
+    """FSDP2 per block over 2 CPU processes (gloo) with peft's layers inside the blocks: the base
+    is sharded and frozen, the adapters train; a sharded checkpoint holds the adapters alone
+    (one shard per rank), and a run preempted halfway and resumed matches an uninterrupted one
+    at every step, bit for bit."""
+    from kontext.checkpoint import consolidate
+
+    def args(run_dir: Path) -> list[str]:
+        return [*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file), *FSDP]
+
+    straight_dir, resumed_dir = data_root / "fsdp_lora_straight", data_root / "fsdp_lora_resumed"
+    _train_cli(args(straight_dir), data_root)
+    first = _train_cli([*args(resumed_dir), "+callbacks.preempt._target_=test_resume.SignalAt",
+                        "+callbacks.preempt.step=5"], data_root)
+    assert "stopped at step 6 for a requeue" in first.stdout
+    last = resumed_dir / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
+    _train_cli(args(resumed_dir), data_root)
+
+    expected, got = step_losses(straight_dir), step_losses(resumed_dir)
+    assert len(expected) == 12 and got == expected
+    for prefix in ("state_dict.model.", "state_dict.ema.model.", "optimizer_0.state."):
+        a = consolidate(straight_dir / "checkpoints" / "last.ckpt", prefix)
+        b = consolidate(last, prefix)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), prefix
+        # 40 adapter tensors; AdamW keeps exp_avg, exp_avg_sq and step for each
+        assert len(a) == (40 if "optimizer" not in prefix else 3 * 40) and all(".lora_" in k for k in a), prefix
+    # The finish gathers the shards: its adapter file is the EMA of the sharded checkpoint.
+    ema = consolidate(last, "state_dict.ema.model.")
+    adapter = read_adapter(resumed_dir / "lora" / "adapter.safetensors")
+    assert all(torch.equal(w.up, ema[f"{n}.lora_B.default.weight"]) for n, w in adapter.layers.items())
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_with_bf16_compute_keeps_the_base_in_bf16(data_root, random_ae, base_file):  # noqa: F811
+    """param_dtype bfloat16 (the paper's recipe) with selective checkpointing: the frozen base is
+    stored in bf16 (the export, its merge, comes out in bf16), the adapters and their EMA in fp32."""
+    run_dir = data_root / "fsdp_lora_bf16"
+    _train_cli([*tiny_overrides(data_root, random_ae), *lora_overrides(base_file), *FSDP, f"paths.output_dir={run_dir}",
+                "trainer.max_steps=4", "stage.optimizer.warmup_steps=1", "stage.finish.benchmark.n_per_op=0",
+                "parallel.param_dtype=bfloat16", "parallel.activation_checkpointing=selective"], data_root)
+    adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")
+    assert all(w.up.dtype == w.down.dtype == torch.float32 for w in adapter.layers.values())
+    base = load_flux(base_file).state_dict()
+    exported = load_flux(run_dir / "export" / "transformer.safetensors").state_dict()
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+    for name, w in adapter.layers.items():
+        want = base[f"{name}.weight"].bfloat16().float() + 2.0 * w.up @ w.down
+        torch.testing.assert_close(exported[f"{name}.weight"].float(), want, atol=0, rtol=2**-8)
+    assert max(w.up.abs().max() for w in adapter.layers.values()) > 1e-3  # the adapters trained

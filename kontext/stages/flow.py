@@ -118,14 +118,16 @@ class FlowStage(L.LightningModule):
         self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
         self._parallelized = False
         self._averaged = False
+        self.base_dtype: torch.dtype | None = None  # of a LoRA base: the run's compute dtype (configure_model)
         self.noise_seed = torch.initial_seed()  # the run's seed (seed_everything)
 
     def build_model(self) -> Flux:
-        """A fresh network of this stage: the architecture, with its adapters if any (uninitialised
-        weights do not matter: it receives a state dict)."""
+        """A fresh network of this stage that receives a state dict (its initial weights do not
+        matter): the architecture, with its adapters and the base's dtype if any."""
         model = Flux(self.params)
         if self.lora_cfg is not None:
             add_adapters(model, self.lora_cfg)
+            freeze_base(model, self.base_dtype)
         return model
 
     @property
@@ -149,7 +151,8 @@ class FlowStage(L.LightningModule):
         if self.lora_cfg is None:
             parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
         else:
-            freeze_base(self.model, self.compute_dtype(mesh))
+            self.base_dtype = self.compute_dtype(mesh)
+            freeze_base(self.model, self.base_dtype)
             parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
             self.ema.shard_like(self.model)
         if mesh is not None and mesh.size() > 1 and self.parallel_cfg.shard_frozen:
