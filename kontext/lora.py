@@ -66,7 +66,7 @@ def resolve_targets(model: nn.Module, patterns) -> list[str]:
         hit = [name for name in linears if matches(name, pattern)]
         if not hit:
             raise KontextError(f"adapter.targets: {pattern!r} names no linear layer of the model "
-                               f"(they are named like {', '.join(linears[:1] + linears[-3:])})")
+                               f"(they are named like {', '.join(dict.fromkeys(linears[:1] + linears[-3:]))})")
         chosen.update(hit)
     return [name for name in linears if name in chosen]
 

@@ -166,6 +166,29 @@ def test_activation_checkpointing_with_adapters_changes_no_number(base_file, mod
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file):
+    """Per-block torch.compile over peft's layers (inductor on CPU): the same names, loss and
+    adapter gradients as eager."""
+    from kontext.parallel import ParallelConfig, parallelize
+
+    eager, compiled = lora_stage(base_file), lora_stage(base_file)
+    with torch.no_grad():
+        for name, p in eager.model.named_parameters():
+            if ".lora_B." in name:
+                p.fill_(0.01)
+    compiled.model.load_state_dict(eager.model.state_dict())  # the same A (drawn at random) and B
+    parallelize(compiled.model, ParallelConfig(compile=True), device="cpu")
+    assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
+    losses = [loss_of(stage.model) for stage in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_base_in_bf16_when_the_run_computes_in_bf16(base_file):
     stage = lora_stage(base_file)
     stage._trainer = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(root_device=torch.device("cpu")))
