@@ -64,7 +64,8 @@ class Artifact:
 
     def transformer(self, raw: bool = False, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Flux:
-        """The `Flux` with the EMA (or raw) weights, built strictly per `params`."""
+        """The `Flux` with the EMA (or raw) weights, built strictly per `params`; for a LoRA run
+        (`stage.lora` in its config) its base `stage.init_from` with those adapters merged in."""
         from kontext.model import flux_from_weights
 
         weights = self.raw if raw else self.ema
@@ -72,7 +73,27 @@ class Artifact:
             raise KontextError(f"{self.path} holds no raw weights (only a training checkpoint does)")
         what = (f"{'raw' if raw else 'EMA'} weights in {self.path} (config {self.config_path})"
                 if self.run_config is not None else f"Flux weights in {self.path}")
-        return flux_from_weights(self.params, weights, what, device=device, dtype=dtype)
+        lora = None
+        if self.run_config is not None:
+            from omegaconf import OmegaConf
+
+            lora = OmegaConf.select(self.run_config, "stage.lora", default=None)
+        if lora is None:
+            return flux_from_weights(self.params, weights, what, device=device, dtype=dtype)
+        return self._merged_lora_run(weights, float(lora["alpha"]), what).to(device=device, dtype=dtype)
+
+    def _merged_lora_run(self, adapters: dict[str, Tensor], alpha: float, what: str) -> Flux:
+        from omegaconf import OmegaConf
+
+        from kontext.lora import adapters_from_state
+        from kontext.lora_files import merge
+        from kontext.model import load_flux
+
+        base = OmegaConf.select(self.run_config, "stage.init_from", default=None)
+        if not base or not Path(str(base)).is_file():
+            raise KontextError(f"{self.path} is a LoRA run whose base stage.init_from={base} is not there")
+        return merge(load_flux(str(base), self.params), adapters_from_state(adapters, alpha),
+                     what=f"the adapters ({what})")
 
 
 def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,

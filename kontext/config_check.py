@@ -30,13 +30,15 @@ class Num:
     real: bool = False
     null: bool = False
     below_hi: bool = False  # the upper bound itself is excluded
+    above_lo: bool = False  # the lower bound itself is excluded
 
     def problem(self, value) -> str | None:
         if value is None and self.null:
             return None
         kinds = (int, float) if self.real else (int,)
         ok = (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-              and self.lo <= value <= self.hi and not (self.below_hi and value == self.hi))
+              and self.lo <= value <= self.hi and not (self.below_hi and value == self.hi)
+              and not (self.above_lo and value == self.lo))
         return None if ok else f"expected {'a number' if self.real else 'an integer'}{self._range()}"
 
     def _range(self) -> str:
@@ -44,11 +46,11 @@ class Num:
         if math.isinf(self.lo) and math.isinf(self.hi):
             text = ""
         elif math.isinf(self.hi):
-            text = f" >= {lo}"
+            text = f" {'>' if self.above_lo else '>='} {lo}"
         elif math.isinf(self.lo):
             text = f" <= {hi}"
         else:
-            text = f" in [{lo}, {hi}{')' if self.below_hi else ']'}"
+            text = f" in {'(' if self.above_lo else '['}{lo}, {hi}{')' if self.below_hi else ']'}"
         return text + (" or null" if self.null else "")
 
 
@@ -75,6 +77,15 @@ class Pair:
             return None
         what = "low <= high" if self.ordered else "two numbers"
         return f"expected [{what}]{num._range().replace(' in', ', each in')}"
+
+
+@dataclass(frozen=True)
+class Names:
+    """A non-empty list of non-empty strings (layer-name patterns)."""
+
+    def problem(self, value) -> str | None:
+        ok = isinstance(value, list | tuple) and value and all(isinstance(v, str) and v.strip() for v in value)
+        return None if ok else "expected a non-empty list of layer names or patterns"
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,10 @@ KEYS: dict[str, object] = {
     "data.max_consecutive_bad": POSITIVE,
     "data.max_pixels": Num(1, null=True),
     "data.val_samples": COUNT,
+    "adapter.rank": POSITIVE,
+    "adapter.alpha": Num(0, real=True, above_lo=True),
+    "adapter.dropout": Num(0, 1, real=True, below_hi=True),
+    "adapter.targets": Names(),
     "stage.optimizer.lr": Num(0, real=True),
     "stage.optimizer.betas": Pair(),
     "stage.optimizer.weight_decay": Num(0, real=True),
@@ -206,6 +221,9 @@ def check_config(cfg: DictConfig) -> None:
         value = _value(cfg, key)
         if value is not _MISSING and (problem := spec.problem(value)):
             raise KontextError(f"{key}={value!r}: {problem}")
+    if _value(cfg, "adapter") not in (_MISSING, None) and _value(cfg, "stage.lora") is _MISSING:
+        raise KontextError(f"adapter=... trains adapters in the flow stage; {_value(cfg, 'stage._target_')} "
+                           "takes none (drop adapter= or use stage=flow)")
     _check_targets(cfg, "")
 
 

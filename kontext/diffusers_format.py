@@ -47,6 +47,11 @@ _DOUBLE_NORMS = {
 }
 _SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
 _SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+# Fused projections whose output rows diffusers keeps as separate layers, in row order.
+_DOUBLE_SPLIT = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_SINGLE_SPLIT = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+FINAL_ADALN = ("final_layer.adaLN_modulation.1", "norm_out.linear")  # rows (shift, scale) -> (scale, shift)
 
 
 def check_exportable(params: FluxParams) -> None:
@@ -128,3 +133,51 @@ def bfl_to_diffusers(sd: Mapping[str, Tensor], params: FluxParams) -> dict[str, 
     if left:
         raise KeyError(f"{len(left)} tensors have no diffusers name (e.g. {', '.join(left[:5])})")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def diffusers_linears(name: str) -> tuple[str, ...]:
+    """The diffusers layer(s) of the reference linear layer `name`: one, or for a fused projection
+    (`img_attn.qkv`, `txt_attn.qkv`, `linear1`) the layers its output rows split into, in row
+    order (`split_rows` gives their sizes). The final adaLN layer also swaps its two halves."""
+    if name == FINAL_ADALN[0]:
+        return (FINAL_ADALN[1],)
+    if name in _TOP:
+        return (_TOP[name],)
+    for block, hf_block, renamed, split in (("double_blocks", "transformer_blocks", _DOUBLE, _DOUBLE_SPLIT),
+                                            ("single_blocks", "single_transformer_blocks", _SINGLE, _SINGLE_SPLIT)):
+        prefix, dot, rest = name.partition(".")
+        index, _, sub = rest.partition(".")
+        if prefix == block and dot and index.isdigit():
+            if sub in renamed:
+                return (f"{hf_block}.{index}.{renamed[sub]}",)
+            if sub in split:
+                return tuple(f"{hf_block}.{index}.{part}" for part in split[sub])
+    raise KeyError(f"{name} is not a linear layer of the reference layout")
+
+
+def reference_linear(hf_name: str) -> tuple[str, int]:
+    """The inverse of `diffusers_linears`: (reference layer, index of this part of its rows)."""
+    top = {hf: bfl for bfl, hf in _TOP.items()} | {FINAL_ADALN[1]: FINAL_ADALN[0]}
+    if hf_name in top:
+        return top[hf_name], 0
+    for block, hf_block, renamed, split in (("double_blocks", "transformer_blocks", _DOUBLE, _DOUBLE_SPLIT),
+                                            ("single_blocks", "single_transformer_blocks", _SINGLE, _SINGLE_SPLIT)):
+        prefix, dot, rest = hf_name.partition(".")
+        index, _, sub = rest.partition(".")
+        if prefix == hf_block and dot and index.isdigit():
+            for bfl, hf in renamed.items():
+                if sub == hf:
+                    return f"{block}.{index}.{bfl}", 0
+            for bfl, parts in split.items():
+                if sub in parts:
+                    return f"{block}.{index}.{bfl}", parts.index(sub)
+    raise KeyError(f"{hf_name} is not a linear layer of diffusers' FluxTransformer2DModel")
+
+
+def split_rows(name: str, out_features: int, in_features: int) -> list[int]:
+    """Row counts of the diffusers parts of the reference linear layer `name` (see
+    `diffusers_linears`): q, k, v of `in_features` (the hidden size) rows each, then the MLP's."""
+    parts = len(diffusers_linears(name))
+    if parts == 1:
+        return [out_features]
+    return [in_features] * 3 + ([out_features - 3 * in_features] if parts == 4 else [])

@@ -3,6 +3,10 @@
 The average lives in a frozen copy of the network (a submodule of the training stage, so it
 is saved and restored with every checkpoint). The decay warms up as ``(1 + n) / (10 + n)``
 so that early averages are not dominated by the random initialisation.
+
+With `trainable_only` (LoRA: the base never changes) the copy holds the trained parameters
+alone, under the same names, in a module tree of their own: the average of the adapters,
+without a second copy of the frozen base.
 """
 
 from __future__ import annotations
@@ -14,12 +18,29 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 
+def mirror(named: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree holding frozen copies of `named` tensors under the same dotted names."""
+    root = nn.Module()
+    for name, tensor in named.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        module.register_parameter(leaf, nn.Parameter(tensor.detach().clone(), requires_grad=False))
+    return root
+
+
 class EMA(nn.Module):
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, trainable_only: bool = False):
         super().__init__()
         self.decay = decay
         self.warmup = warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if trainable_only:
+            self.model = mirror({n: p for n, p in model.named_parameters() if p.requires_grad})
+        else:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
@@ -29,15 +50,16 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = dict(self.model.named_parameters())
-        pairs = [(ema_params[name], param.detach().to(ema_params[name].dtype)) for name, param in model.named_parameters()]
+        live = dict(model.named_parameters())
+        pairs = [(ema, live[name].detach().to(ema.dtype)) for name, ema in self.model.named_parameters()]
         if not any(isinstance(t, DTensor) for pair in pairs for t in pair):
             torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)  # one fused pass
         else:  # DTensor shards (FSDP2): one tensor at a time
             for ema, param in pairs:
                 ema.lerp_(param, 1.0 - decay)
-        for (_, ema_buf), (_, buf) in zip(self.model.named_buffers(), model.named_buffers(), strict=True):
-            ema_buf.copy_(buf)
+        live_buffers = dict(model.named_buffers())
+        for name, ema_buf in self.model.named_buffers():
+            ema_buf.copy_(live_buffers[name])
         self.num_updates += 1
 
     def train(self, mode: bool = True):
@@ -45,3 +67,17 @@ class EMA(nn.Module):
         super().train(mode)
         self.model.eval()
         return self
+
+    def shard_like(self, model: nn.Module) -> None:
+        """Lay each averaged tensor out as its live parameter is (FSDP2's DTensor shards, same
+        mesh and placements), so that every rank averages only its own shard. For a
+        `trainable_only` average; a whole copy is sharded as a model (`parallel.shard`)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        live = dict(model.named_parameters())
+        for name, ema in list(self.model.named_parameters()):
+            param = live[name]
+            if isinstance(param, DTensor) and not isinstance(ema, DTensor):
+                owner, _, leaf = name.rpartition(".")
+                value = distribute_tensor(ema.detach().to(param.device), param.device_mesh, param.placements)
+                self.model.get_submodule(owner).register_parameter(leaf, nn.Parameter(value, requires_grad=False))

@@ -1,6 +1,7 @@
 """Export a trained model as files other people and tools can load.
 
     python -m kontext.export source=outputs/train/default out=exports/shapes diffusers=true
+    python -m kontext.export source=exports/shapes out=exports/styled lora=style.safetensors lora_scale=0.8
 
 `source` is a run directory, a flow-stage Lightning checkpoint (a file or an FSDP folder) or an
 export folder, read by :mod:`kontext.artifact`. The export folder holds:
@@ -13,6 +14,10 @@ export folder, read by :mod:`kontext.artifact`. The export folder holds:
 - with `diffusers=true`, `transformer/`: the same transformer as a diffusers
   `FluxTransformer2DModel` folder (`config.json` + `diffusion_pytorch_model.safetensors`,
   keys converted by :mod:`kontext.diffusers_format`).
+
+With `lora=` (a file or a list, see `kontext.lora_files`) the adapters are merged into the
+transformer first, each scaled by `lora_scale` (one number, or one per file): the export is
+the merged model, which loads anywhere without adapter support.
 
 Everything is written into a temporary folder beside `out` and renamed into place at the
 end, so a failed export never leaves a half-written folder.
@@ -33,9 +38,12 @@ from kontext.pipeline import KontextPipeline
 
 EXPORT_VERSION = 1
 USAGE = """usage: python -m kontext.export source=RUN_DIR|CKPT|EXPORT out=FOLDER [diffusers=false] [overwrite=false]
-  source     run directory, flow-stage .ckpt or export folder
-  out        folder to write (must not exist unless overwrite=true)
-  diffusers  also write a diffusers FluxTransformer2DModel folder under out/transformer"""
+                                 [lora=FILE|[FILES]] [lora_scale=1.0|[SCALES]]
+  source      run directory, flow-stage .ckpt or export folder
+  out         folder to write (must not exist unless overwrite=true)
+  diffusers   also write a diffusers FluxTransformer2DModel folder under out/transformer
+  lora        LoRA adapter file(s) to merge into the transformer first
+  lora_scale  their strength: one number, or one per file"""
 
 
 def text_config(pipe: KontextPipeline) -> dict:
@@ -84,15 +92,21 @@ def write_diffusers_transformer(model, folder: Path) -> Path:
 
 
 def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLike, diffusers: bool = False,
-           overwrite: bool = False) -> Path:
-    """Write the export folder `out_dir` (see the module docstring) and return its path."""
+           overwrite: bool = False, lora=None, lora_scale=1.0) -> Path:
+    """Write the export folder `out_dir` (see the module docstring) and return its path. With
+    `lora`, a pipeline given as `source` gets the adapters merged into its own model."""
     from kontext.autoencoder import save_autoencoder
+    from kontext.lora_files import apply_adapters, read_adapters
     from kontext.model import save_flux
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not overwrite:
         raise KontextError(f"{out_dir} already exists (pass overwrite=true to replace it)")
+    loras = read_adapters(lora, lora_scale)
     pipe = source if isinstance(source, KontextPipeline) else KontextPipeline.load(source)
+    if loras:
+        apply_adapters(pipe.model, loras)
+        pipe.source = f"{pipe.source} + LoRA {', '.join(f'{p} x{s:g}' for p, _, s in loras)}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -121,9 +135,11 @@ def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLi
 def main(argv: list[str]) -> None:
     from kontext.cli import parse_args
 
-    args = parse_args(argv, {"source": "???", "out": "???", "diffusers": False, "overwrite": False}, USAGE)
+    args = parse_args(argv, {"source": "???", "out": "???", "diffusers": False, "overwrite": False, "lora": None,
+                             "lora_scale": None}, USAGE)
     out = export(str(args["source"]), str(args["out"]), diffusers=bool(args["diffusers"]),
-                 overwrite=bool(args["overwrite"]))
+                 overwrite=bool(args["overwrite"]), lora=args["lora"],
+                 lora_scale=1.0 if args["lora_scale"] is None else args["lora_scale"])
     print(f"exported {args['source']} to {out}")
 
 

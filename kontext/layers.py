@@ -229,13 +229,15 @@ class SingleStreamBlock(nn.Module):
         # (the last block, whose text and context outputs nobody reads).
         mod, _ = self.modulation(vec)
         x_mod = mod.modulate(self.pre_norm(x))
-        if rows is None:
-            qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
-        else:
+        if rows is not None and isinstance(self.linear1, nn.Linear):
             w, b = self.linear1.weight, self.linear1.bias
             qkv = F.linear(x_mod, w[: 3 * self.hidden_dim], b[: 3 * self.hidden_dim])
             mlp = F.linear(x_mod[:, rows], w[3 * self.hidden_dim :], b[3 * self.hidden_dim :])
             x = x[:, rows]
+        else:
+            qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
+            if rows is not None:  # a wrapped linear1 (a LoRA adapter) is more than its weight: run it whole
+                mlp, x = mlp[:, rows], x[:, rows]
         q, k, v = rearrange(qkv, SPLIT_QKV, K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe, key_bias=key_bias, rows=rows)  # (B, L or len(rows), D)

@@ -17,6 +17,7 @@ dense bf16 peak (`peak_flops`, looked up for known GPUs; unknown devices report 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -244,8 +245,9 @@ class TrainMetrics(Callback):
         of them for each forward); rank 0 saves the grid and hands it to the loggers."""
         from kontext.benchmark import run_benchmark
 
-        report = run_benchmark(pl_module.pipeline(), n_per_op=self.grid_cases, chains=0, steps=self.grid_steps,
-                               grid_per_op=self.grid_cases)
+        with getattr(pl_module, "averaged", contextlib.nullcontext)():  # a LoRA stage swaps its EMA adapters in
+            report = run_benchmark(pl_module.pipeline(), n_per_op=self.grid_cases, chains=0, steps=self.grid_steps,
+                                   grid_per_op=self.grid_cases)
         if not trainer.is_global_zero:
             return
         path = report.save_grid(Path(trainer.default_root_dir) / "grids" / f"step{step:07d}.png")

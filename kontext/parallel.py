@@ -276,3 +276,11 @@ class FSDPStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit of `model` (no-op for a plain model), so that
+    the next forward gathers them again from the shards, e.g. after the shards were changed."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

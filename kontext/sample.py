@@ -10,8 +10,12 @@ Modes (see `configs/sample.yaml`):
   bad line (unreadable JSON, missing key, missing, corrupt or too large image, unwritable or
   repeated output, seed out of range) is skipped and reported at the end; the others are written.
 
-Every option, image and output path is checked before the model loads, so a mistake costs a
-second. Images over `max_pixels` pixels are refused from their header. Outputs are written
+`lora=` merges LoRA adapters (one file or a list, reference or diffusers layout, see
+`kontext.lora_files`) into the loaded transformer, each scaled by `lora_scale=` (one number, or
+one per file).
+
+Every option, image, adapter file and output path is checked before the model loads, so a
+mistake costs a second. Images over `max_pixels` pixels are refused from their header. Outputs are written
 atomically (temp file + rename). The same seed gives the same image.
 """
 
@@ -238,7 +242,12 @@ def _options(cfg) -> dict:
             raise KontextError(f"timesteps must be a list of numbers such as [1.0,0.5,0.0], got {timesteps!r}")
         timesteps = check_timesteps(timesteps)
     negative = cfg.negative_prompt
+    from kontext.lora_files import read_adapters
+
+    lora = OmegaConf.to_container(cfg.lora) if OmegaConf.is_config(cfg.lora) else cfg.lora
+    scale = OmegaConf.to_container(cfg.lora_scale) if OmegaConf.is_config(cfg.lora_scale) else cfg.lora_scale
     return {
+        "lora": read_adapters(lora, scale),
         "device": check_device(cfg.device), "dtype": dtypes[cfg.dtype],
         "batch_size": check_int("batch_size", cfg.batch_size, 1), "progress": bool(cfg.progress),
         "max_pixels": check_int("max_pixels", cfg.max_pixels, 1), "seed": check_seed(cfg.seed),
@@ -259,10 +268,16 @@ def _load(cfg, options: dict):
     if o.transformer is not None:
         import torch
 
-        return KontextPipeline.from_official(o.transformer, o.ae, o.t5, o.clip, preset=o.preset,
+        pipe = KontextPipeline.from_official(o.transformer, o.ae, o.t5, o.clip, preset=o.preset,
                                              t5_tokenizer_dir=o.t5_tokenizer, clip_tokenizer_dir=o.clip_tokenizer,
                                              dtype=dtype or torch.bfloat16, **kwargs)
-    return KontextPipeline.load(str(cfg.checkpoint), dtype=dtype, **kwargs)
+    else:
+        pipe = KontextPipeline.load(str(cfg.checkpoint), dtype=dtype, **kwargs)
+    if options["lora"]:
+        from kontext.lora_files import apply_adapters
+
+        apply_adapters(pipe.model, options["lora"])
+    return pipe
 
 
 def _check_source(cfg) -> None:

@@ -67,6 +67,9 @@ def files(tmp_path_factory):
     (d / "x_turn2.png").mkdir()  # in the way of the second turn's output
     (d / "folder").mkdir()
     (d / "dir.png").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(d / "not_lora.safetensors"))
     (d / "latin1.jsonl").write_bytes('{"image": null, "prompt": "färbe", "output": "o.png"}\n'.encode("latin-1"))
     (d / "all_bad.jsonl").write_text("\n".join(json.dumps(c) for c in [
         {"image": str(d / "missing.png"), "prompt": "x", "output": str(d / "o1.png")},
@@ -119,6 +122,14 @@ SAMPLE_CASES = [  # (overrides, exit status, the one line on stderr, starting "e
     ([f"batch={F}/folder"], 2, f"batch file {F}/folder is a folder"),
     (["prompt=42"], 2, "model source not found: /nonexistent/model (give a run directory, a .ckpt file or an "
                        "export folder)"),  # the prompt is text; nothing else is wrong
+    (["prompt=x", f"lora={F}/missing.safetensors"], 2, f"LoRA file not found: {F}/missing.safetensors"),
+    (["prompt=x", f"lora=[{F}/not_lora.safetensors]"], 2,
+     f"{F}/not_lora.safetensors: 'w' is not a LoRA weight (expected <layer>.lora_A.weight, .lora_B.weight, .alpha)"),
+    (["prompt=x", f"lora={F}/a_file"], 2, f"cannot read {F}/a_file as safetensors: Error while deserializing header: "
+                                          "header too small"),
+    (["prompt=x", f"lora={F}/missing.safetensors", "lora_scale=[1,2]"], 2, "lora_scale has 2 values for 1 LoRA file(s)"),
+    (["prompt=x", f"lora={F}/missing.safetensors", "lora_scale=abc"], 2,
+     "lora_scale must be a number or a list of numbers, got 'abc'"),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append((["prompt=x", "device=cuda"], 2,

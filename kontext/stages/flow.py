@@ -6,10 +6,15 @@ One step: target latents x and context latents y_i -> packed tokens with their i
 z_t = (1 - t) x + t eps, v = model([z_t | y], ...) sliced to the target tokens, MSE to eps - x
 (`kontext.flow`). Text-to-image batches carry no context tokens. Batches come either as
 images (encoded here by the frozen autoencoder and text encoder) or as cached features.
+
+With `lora` the base (from `init_from`) is frozen and only peft's adapters train
+(`kontext.lora`): the base is stored in the run's compute dtype, the EMA averages the adapters
+alone, and checkpoints hold the adapters, their average and their optimizer state, not the base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -24,8 +29,17 @@ from torch import Tensor
 
 from kontext import flow, packing, parallel
 from kontext.config_check import options
-from kontext.ema import EMA
+from kontext.ema import EMA, mirror
 from kontext.errors import KontextError
+from kontext.lora import (
+    adapted_layers,
+    adapters,
+    add_adapters,
+    freeze_base,
+    is_adapter_key,
+    lora_options,
+    unwrap,
+)
 from kontext.model import Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
 
@@ -71,13 +85,25 @@ class FlowStage(L.LightningModule):
         validation: dict | None = None,
         finish: dict | None = None,
         parallel: ParallelConfig | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         self.params = model
+        self.lora_cfg = lora_options(lora)
+        self.init_from = init_from
+        if self.lora_cfg is not None and not init_from:
+            raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors> "
+                               "(a fresh model starts as the identity, which gives adapters no gradient)")
         self.model = Flux(model)
         if init_from:
             self.model.load_state_dict(load_flux(init_from, model).state_dict())
-        self.ema = EMA(self.model, decay=ema_decay)
+        if self.lora_cfg is not None:
+            add_adapters(self.model, self.lora_cfg)
+            # Checkpoints hold the adapters alone: the base is `init_from`, rebuilt on every start.
+            self.register_state_dict_post_hook(_drop_base)
+            self.register_load_state_dict_pre_hook(_refuse_base)
+            self.register_load_state_dict_post_hook(_base_not_missing)
+        self.ema = EMA(self.model, decay=ema_decay, trainable_only=self.lora_cfg is not None)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
         self.optim_cfg = options(OPTIMIZER, optimizer, "optimizer")
@@ -91,7 +117,18 @@ class FlowStage(L.LightningModule):
         self.loss_history: list[tuple[int, float]] = []
         self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
         self._parallelized = False
+        self._averaged = False
+        self.base_dtype: torch.dtype | None = None  # of a LoRA base: the run's compute dtype (configure_model)
         self.noise_seed = torch.initial_seed()  # the run's seed (seed_everything)
+
+    def build_model(self) -> Flux:
+        """A fresh network of this stage that receives a state dict (its initial weights do not
+        matter): the architecture, with its adapters and the base's dtype if any."""
+        model = Flux(self.params)
+        if self.lora_cfg is not None:
+            add_adapters(model, self.lora_cfg)
+            freeze_base(model, self.base_dtype)
+        return model
 
     @property
     def autoencoder(self):
@@ -111,11 +148,26 @@ class FlowStage(L.LightningModule):
         self._parallelized = True
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         device = self.trainer.strategy.root_device if self._trainer is not None else None
-        parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
+        if self.lora_cfg is None:
+            parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
+        else:
+            self.base_dtype = self.compute_dtype(mesh)
+            freeze_base(self.model, self.base_dtype)
+            parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
+            self.ema.shard_like(self.model)
         if mesh is not None and mesh.size() > 1 and self.parallel_cfg.shard_frozen:
             for enc in self._frozen.values():
                 if isinstance(enc, torch.nn.Module):
                     parallel.shard_frozen(enc, mesh)
+
+    def compute_dtype(self, mesh=None) -> torch.dtype | None:
+        """The dtype the run computes in when it is not fp32 (FSDP's `param_dtype`, else a 16-bit
+        trainer precision), else None: the dtype a frozen LoRA base is stored in."""
+        if mesh is not None and mesh.size() > 1:
+            dtype = getattr(torch, self.parallel_cfg.param_dtype)
+            return None if dtype == torch.float32 else dtype
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
     def noise_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
         """The generator of one micro-batch's noise and times, seeded from (run seed, data-parallel
@@ -127,6 +179,23 @@ class FlowStage(L.LightningModule):
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         return torch.Generator(device=device).manual_seed(seed)
 
+    @contextlib.contextmanager
+    def dropout_rng(self, seed: int, device: torch.device):
+        """Adapter dropout draws from the global generator (peft's `nn.Dropout`), which the data
+        loader also draws from when an epoch starts, at another point of a resumed run. So the
+        forward draws from `seed` (one per micro-batch, like the noise) and the global generator
+        is left as it was: a resumed run draws the same masks. (Checkpointing replays the forward's
+        generator state in backward by itself.) Without dropout, nothing changes."""
+        if self.lora_cfg is None or not self.lora_cfg["dropout"]:
+            yield
+            return
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            yield
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = list(self.loss_history)
 
@@ -136,8 +205,12 @@ class FlowStage(L.LightningModule):
     def on_fit_end(self) -> None:
         # The run's finish (benchmark, export) happens on rank 0 alone: give it unsharded weights.
         if parallel.is_sharded(self.model):
-            model = parallel.gather_full(self.model, lambda: Flux(self.params))
-            ema = parallel.gather_full(self.ema.model, lambda: Flux(self.params).eval().requires_grad_(False))
+            model = parallel.gather_full(self.model, self.build_model)
+            if self.lora_cfg is None:
+                ema = parallel.gather_full(self.ema.model, lambda: Flux(self.params).eval().requires_grad_(False))
+            else:
+                shapes = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in self.ema.model.named_parameters()}
+                ema = parallel.gather_full(self.ema.model, lambda: mirror(shapes))
             if model is not None:
                 self.model, self.ema.model = model, ema
 
@@ -180,7 +253,8 @@ class FlowStage(L.LightningModule):
         t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=gen, device=x.device)
         z_t = flow.interpolate(tokens.img, noise, t)
         guidance = self.train_guidance if self.params.guidance_embed else None
-        pred = packing.predict(self.model, tokens, z_t, t.to(x.dtype), txt, vec, guidance, self.compact_text)
+        with self.dropout_rng(gen.initial_seed() + 1, x.device):
+            pred = packing.predict(self.model, tokens, z_t, t.to(x.dtype), txt, vec, guidance, self.compact_text)
         loss = flow.flow_loss(pred, flow.velocity_target(tokens.img, noise))
         self.last_batch_size = b
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
@@ -254,17 +328,61 @@ class FlowStage(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------
     def pipeline(self, use_ema: bool = True):
+        """A pipeline over the EMA weights (or the trained ones). With adapters it samples the live
+        model with the adapters it holds: their average inside `averaged()`, or merged after
+        `merge_adapters()`."""
         from kontext.pipeline import KontextPipeline
 
-        model = self.ema.model if use_ema else self.model
+        model = self.model if self.lora_cfg is not None or not use_ema else self.ema.model
         return KontextPipeline(model, self.autoencoder, self.text, **self.finish_cfg.get("sampler", {}))
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The EMA weights for `pipeline()` within the block. A full model's EMA is a copy of its
+        own, so nothing changes; adapters are swapped for their average in the live model and
+        back afterwards (on every rank of a sharded model: each swaps its shards)."""
+        if self.lora_cfg is None or self._averaged:
+            yield
+            return
+        live = dict(self.model.named_parameters())
+        pairs = [(live[name], ema) for name, ema in self.ema.model.named_parameters()]
+        trained = [p.detach().clone() for p, _ in pairs]
+        training = self.model.training
+        parallel.reshard(self.model)  # a gathered unit would keep the weights it gathered
+        with torch.no_grad():
+            for param, ema in pairs:
+                param.copy_(ema)
+        self._averaged = True
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (param, _), value in zip(pairs, trained, strict=True):
+                    param.copy_(value)
+            parallel.reshard(self.model)
+            self.model.train(training)
+            self._averaged = False
+
+    def merge_adapters(self):
+        """After training, on unsharded weights: the EMA adapters merged into the base in place, so
+        that `self.model` is a plain `Flux` again (for the finish's benchmark and export). Returns
+        them (a `kontext.lora_files.Adapter`), or None for a run without adapters."""
+        from kontext.lora_files import merge
+
+        if self.lora_cfg is None or not adapted_layers(self.model):
+            return None
+        adapter = adapters(self.model, weights=dict(self.ema.model.named_parameters()))
+        merge(unwrap(self.model), adapter)
+        self.model.eval()
+        return adapter
 
     def quick_benchmark(self, step: int) -> None:
         from kontext.benchmark import run_benchmark
 
         start = time.perf_counter()
-        report = run_benchmark(self.pipeline(), n_per_op=self.val_cfg["cases_per_op"],
-                               steps=self.val_cfg["steps"], chains=0)
+        with self.averaged():
+            report = run_benchmark(self.pipeline(), n_per_op=self.val_cfg["cases_per_op"],
+                                   steps=self.val_cfg["steps"], chains=0)
         metrics = {f"val/{k}": v for k, v in report.flat_metrics().items()}
         metrics["val/seconds"] = time.perf_counter() - start
         for logger in self.loggers:
@@ -276,3 +394,24 @@ class FlowStage(L.LightningModule):
         from kontext.stages.flow_finish import finish_flow_run
 
         return finish_flow_run(self, Path(run_dir), timings or {}, **self.finish_cfg)
+
+
+def _drop_base(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of a LoRA stage: keep the adapters (and their EMA), not the frozen base."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}model.") and not is_adapter_key(k)]:
+        del state_dict[key]
+
+
+def _refuse_base(module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+    """Load pre-hook of a LoRA stage: base weights in a state dict are not loaded but unexpected
+    (the base is `init_from`; a checkpoint of a full run is not an adapter checkpoint)."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}model.") and not is_adapter_key(k)]:
+        del state_dict[key]
+        unexpected_keys.append(key)
+
+
+def _base_not_missing(module, incompatible_keys) -> None:
+    """Load hook of a LoRA stage: the base is not in its checkpoints; every adapter must be."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if not (k.startswith("model.") and not is_adapter_key(k))]

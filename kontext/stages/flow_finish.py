@@ -1,6 +1,8 @@
 """What a flow run leaves behind when training ends: the Shapes-Edit benchmark of the EMA
 weights (JSON, markdown table, picture grid), an exported checkpoint, the loss curve, a
-metrics JSON with the time of each phase, and a summary that says where everything is."""
+metrics JSON with the time of each phase, and a summary that says where everything is. A LoRA
+run also writes its EMA adapters (`lora/`, both layouts of `kontext.lora_files`); its benchmark
+and export are of the base with them merged."""
 
 from __future__ import annotations
 
@@ -19,6 +21,17 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
     from kontext.export import export as export_pipeline
     from kontext.metrics import machine_info
 
+    written: dict[str, Path] = {}
+    adapter = stage.merge_adapters() if hasattr(stage, "merge_adapters") else None
+    if adapter is not None:
+        from dataclasses import asdict
+
+        from kontext.lora_files import save_adapter_files
+
+        info = {"targets": list(stage.lora_cfg["targets"]), "base": str(stage.init_from),
+                "flux_params": asdict(stage.params), "steps": int(stage.trainer.global_step)}
+        files = save_adapter_files(adapter, run_dir / "lora", info)
+        written["lora"], written["lora_diffusers"] = files["reference"], files["diffusers"]
     pipe = stage.pipeline()
     pipe.source = str(run_dir)
     config = run_dir / "config.yaml"
@@ -26,7 +39,6 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
         from omegaconf import OmegaConf
 
         pipe.text_config = OmegaConf.to_container(OmegaConf.load(config).get("text"))
-    written: dict[str, Path] = {}
 
     if benchmark is not None and benchmark.get("n_per_op", 0) > 0:
         start = time.perf_counter()
@@ -73,7 +85,8 @@ def summary_text(run_dir: Path, written: dict[str, Path], metrics: dict) -> str:
     if metrics["benchmark"]:
         lines.append(f"  Shapes-Edit pass rate: {metrics['benchmark']['pass_rate']:.1%} (table: {written['benchmark_table']})")
     labels = {"grid": "picture grid", "benchmark_json": "benchmark JSON", "metrics": "metrics JSON",
-              "loss_curve": "loss curve", "export": "exported checkpoint"}
+              "loss_curve": "loss curve", "export": "exported checkpoint", "lora": "LoRA (reference)",
+              "lora_diffusers": "LoRA (diffusers)"}
     lines += [f"  {label:<20} {written[k]}" for k, label in labels.items() if k in written]
     lines.append("  times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items()))
     machine, training = metrics["machine"], metrics.get("training") or {}
