@@ -55,7 +55,8 @@ def _text(b=2, length=5, dim=8, vec_dim=6, seed=0):
 
 
 def _sample(model, contexts, txt, vec, height, width, seed, timesteps, **kwargs):
-    """Target latents (B, 16, height, width) from a seed, sampled as the pipeline samples them."""
+    """Target latents (B, 16, height, width): the pipeline's packing, `denoise` and unpacking, from
+    `get_noise` of one seed for the whole batch (the pipeline draws one seed per case)."""
     noise = get_noise(txt.shape[0], height, width, seed, txt.device, txt.dtype)
     tokens = packing.prepare(noise, contexts)
     return tokens.unpack(denoise(model, tokens, tokens.img, txt, vec, timesteps, **kwargs))
