@@ -10,11 +10,14 @@ layout have them (diffusers' split names come from `kontext.lora_files`).
 the base keeps its parameters under `<layer>.base_layer.*`, the adapters are
 `<layer>.lora_A.default.weight` / `lora_B.default.weight`. `adapters` reads them back as an
 `Adapter` (plain tensors by layer name), and `unwrap` puts the plain layers back, so that a
-trained model merges and exports like any other.
+trained model merges and exports like any other. The training stage's helpers are here too:
+checkpoints of the adapters alone, their average swapped in for sampling, dropout that a resumed
+run repeats exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 
 import torch
@@ -148,3 +151,74 @@ def unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
+
+
+# ------------------------------------------------------------------------------ in training
+
+def checkpoint_adapters_only(module: nn.Module) -> None:
+    """State-dict hooks of a module whose `model` carries adapters (the training stage): its
+    state dict leaves out the frozen base, and loading refuses base weights (unexpected: a full
+    run's checkpoint is not an adapter checkpoint) without missing them."""
+    module.register_state_dict_post_hook(_drop_base)
+    module.register_load_state_dict_pre_hook(_refuse_base)
+    module.register_load_state_dict_post_hook(_base_not_missing)
+
+
+def _is_base(key: str, prefix: str = "") -> bool:
+    return key.startswith(f"{prefix}model.") and not is_adapter_key(key)
+
+
+def _drop_base(module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if _is_base(k, prefix)]:
+        del state_dict[key]
+
+
+def _refuse_base(module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
+                 error_msgs) -> None:
+    for key in [k for k in state_dict if _is_base(k, prefix)]:
+        del state_dict[key]
+        unexpected_keys.append(key)
+
+
+def _base_not_missing(module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_base(k)]
+
+
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, weights: nn.Module):
+    """Within the block, the parameters of `model` that `weights` names (e.g. the EMA of its
+    adapters, same names) take their values; afterwards the trained values and the training mode
+    come back. A sharded model swaps each rank's shards and regathers around the swap."""
+    from kontext.parallel import reshard
+
+    live = dict(model.named_parameters())
+    pairs = [(live[name], value) for name, value in weights.named_parameters()]
+    trained = [p.detach().clone() for p, _ in pairs]
+    training = model.training
+    reshard(model)  # a unit still gathered would keep the weights it gathered
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (param, _), value in zip(pairs, trained, strict=True):
+                param.copy_(value)
+        reshard(model)
+        model.train(training)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Random draws from `seed` within the block, and the global generator as it was afterwards.
+    Adapter dropout draws from the global generator (peft's `nn.Dropout`), which the data loader
+    also draws from when an epoch starts, at another point of a resumed run: seeded per
+    micro-batch, a resumed run draws the same masks. (Activation checkpointing replays the
+    forward's generator state in backward by itself.)"""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield

@@ -327,7 +327,19 @@ def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_fi
 
     merged = KontextPipeline.from_run_dir(run_dir).model.state_dict()
     assert all(torch.equal(merged[k], v) for k, v in exported.items())
-    assert (run_dir / "lora" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    # diffusers' own model, from the base, with the run's diffusers-layout file: ours with the adapters.
+    diffusers = pytest.importorskip("diffusers")
+    from test_lora_files import inputs, run_theirs, theirs_from
+
+    theirs = theirs_from(base, TINY)
+    theirs.load_lora_adapter(str(run_dir / "lora" / "diffusers" / "pytorch_lora_weights.safetensors"))
+    ours = load_flux(run_dir / "export" / "transformer.safetensors").eval()
+    with torch.no_grad():
+        want, got = run_theirs(theirs, inputs()), ours(**inputs())
+        plain = run_theirs(theirs_from(base, TINY), inputs())
+    torch.testing.assert_close(want, got, atol=1e-5, rtol=1e-5)
+    assert (want - plain).abs().max() > 1e-4  # the adapters matter at this scale
+    assert isinstance(theirs, diffusers.FluxTransformer2DModel)
 
 
 def test_lora_run_under_bf16_autocast_keeps_the_base_in_bf16(data_root, random_ae, base_file):  # noqa: F811
@@ -385,14 +397,16 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
     """FSDP2 per block over 2 CPU processes (gloo) with peft's layers inside the blocks: the base
     is sharded and frozen, the adapters train; a sharded checkpoint holds the adapters alone
     (one shard per rank), and a run preempted halfway and resumed matches an uninterrupted one
-    at every step, bit for bit."""
+    at every step, bit for bit. The interrupted run also samples grids with the EMA adapters
+    swapped into the sharded model (steps 6 and 12), which must leave training as it was."""
     from kontext.checkpoint import consolidate
 
-    def args(run_dir: Path) -> list[str]:
-        return [*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file), *FSDP]
+    def args(run_dir: Path, grids: bool = True) -> list[str]:
+        grid = ["callbacks.metrics.grid_every_n_steps=6", "callbacks.metrics.grid_steps=2"] if grids else []
+        return [*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file), *FSDP, *grid]
 
     straight_dir, resumed_dir = data_root / "fsdp_lora_straight", data_root / "fsdp_lora_resumed"
-    _train_cli(args(straight_dir), data_root)
+    _train_cli(args(straight_dir, grids=False), data_root)
     first = _train_cli([*args(resumed_dir), "+callbacks.preempt._target_=test_resume.SignalAt",
                         "+callbacks.preempt.step=5"], data_root)
     assert "stopped at step 6 for a requeue" in first.stdout
@@ -402,6 +416,7 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
 
     expected, got = step_losses(straight_dir), step_losses(resumed_dir)
     assert len(expected) == 12 and got == expected
+    assert sorted(p.name for p in (resumed_dir / "grids").iterdir()) == ["step0000006.png", "step0000012.png"]
     for prefix in ("state_dict.model.", "state_dict.ema.model.", "optimizer_0.state."):
         a = consolidate(straight_dir / "checkpoints" / "last.ckpt", prefix)
         b = consolidate(last, prefix)

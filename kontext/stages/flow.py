@@ -35,9 +35,11 @@ from kontext.lora import (
     adapted_layers,
     adapters,
     add_adapters,
+    checkpoint_adapters_only,
     freeze_base,
-    is_adapter_key,
     lora_options,
+    seeded_rng,
+    swapped_in,
     unwrap,
 )
 from kontext.model import Flux, FluxParams, load_flux
@@ -99,10 +101,7 @@ class FlowStage(L.LightningModule):
             self.model.load_state_dict(load_flux(init_from, model).state_dict())
         if self.lora_cfg is not None:
             add_adapters(self.model, self.lora_cfg)
-            # Checkpoints hold the adapters alone: the base is `init_from`, rebuilt on every start.
-            self.register_state_dict_post_hook(_drop_base)
-            self.register_load_state_dict_pre_hook(_refuse_base)
-            self.register_load_state_dict_post_hook(_base_not_missing)
+            checkpoint_adapters_only(self)  # the base is `init_from`, rebuilt on every start
         self.ema = EMA(self.model, decay=ema_decay, trainable_only=self.lora_cfg is not None)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
@@ -179,22 +178,11 @@ class FlowStage(L.LightningModule):
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         return torch.Generator(device=device).manual_seed(seed)
 
-    @contextlib.contextmanager
     def dropout_rng(self, seed: int, device: torch.device):
-        """Adapter dropout draws from the global generator (peft's `nn.Dropout`), which the data
-        loader also draws from when an epoch starts, at another point of a resumed run. So the
-        forward draws from `seed` (one per micro-batch, like the noise) and the global generator
-        is left as it was: a resumed run draws the same masks. (Checkpointing replays the forward's
-        generator state in backward by itself.) Without dropout, nothing changes."""
-        if self.lora_cfg is None or not self.lora_cfg["dropout"]:
-            yield
-            return
-        cuda = device.type == "cuda"
-        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                torch.cuda.manual_seed(seed)
-            yield
+        """The random state of a forward with adapter dropout: `seed` (one per micro-batch, like
+        the noise), the global generator untouched (`kontext.lora.seeded_rng`); else nothing."""
+        dropout = self.lora_cfg is not None and self.lora_cfg["dropout"] > 0
+        return seeded_rng(seed, device) if dropout else contextlib.nullcontext()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["loss_history"] = list(self.loss_history)
@@ -344,23 +332,11 @@ class FlowStage(L.LightningModule):
         if self.lora_cfg is None or self._averaged:
             yield
             return
-        live = dict(self.model.named_parameters())
-        pairs = [(live[name], ema) for name, ema in self.ema.model.named_parameters()]
-        trained = [p.detach().clone() for p, _ in pairs]
-        training = self.model.training
-        parallel.reshard(self.model)  # a gathered unit would keep the weights it gathered
-        with torch.no_grad():
-            for param, ema in pairs:
-                param.copy_(ema)
         self._averaged = True
         try:
-            yield
+            with swapped_in(self.model, self.ema.model):
+                yield
         finally:
-            with torch.no_grad():
-                for (param, _), value in zip(pairs, trained, strict=True):
-                    param.copy_(value)
-            parallel.reshard(self.model)
-            self.model.train(training)
             self._averaged = False
 
     def merge_adapters(self):
@@ -395,23 +371,3 @@ class FlowStage(L.LightningModule):
 
         return finish_flow_run(self, Path(run_dir), timings or {}, **self.finish_cfg)
 
-
-def _drop_base(module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict hook of a LoRA stage: keep the adapters (and their EMA), not the frozen base."""
-    for key in [k for k in state_dict if k.startswith(f"{prefix}model.") and not is_adapter_key(k)]:
-        del state_dict[key]
-
-
-def _refuse_base(module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
-                 error_msgs) -> None:
-    """Load pre-hook of a LoRA stage: base weights in a state dict are not loaded but unexpected
-    (the base is `init_from`; a checkpoint of a full run is not an adapter checkpoint)."""
-    for key in [k for k in state_dict if k.startswith(f"{prefix}model.") and not is_adapter_key(k)]:
-        del state_dict[key]
-        unexpected_keys.append(key)
-
-
-def _base_not_missing(module, incompatible_keys) -> None:
-    """Load hook of a LoRA stage: the base is not in its checkpoints; every adapter must be."""
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
-                                         if not (k.startswith("model.") and not is_adapter_key(k))]
