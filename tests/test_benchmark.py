@@ -11,13 +11,7 @@ from tiny_kontext import tiny_pipeline, write_run_dir
 from kontext.benchmark import main, run_benchmark
 from kontext.shapes_edit import EDIT_OPS, OPS, benchmark_cases, make_chain
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Oracle:

@@ -17,13 +17,7 @@ from kontext.pipeline import KontextPipeline
 from kontext.shapes_edit import make_case
 from kontext.weights import read_safetensors
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

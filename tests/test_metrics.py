@@ -44,12 +44,7 @@ def test_tokens_of_feature_and_image_batches():
     assert batch_tokens(images, default_txt=32) == (2, 4 * 2, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_logs_throughput_flops_memory_and_a_grid(tmp_path, random_ae):  # noqa: F811

@@ -39,13 +39,7 @@ LR = 1e-3
 ATOL = 0.01 * LR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CPU is shared: more threads than free cores make each step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_flux(seed: int) -> Flux:

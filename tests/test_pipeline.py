@@ -11,14 +11,7 @@ from kontext.images import load_image, snap_size
 from kontext.pipeline import KontextPipeline
 from kontext.shapes_edit import make_case
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: one thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
