@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kontext.errors import KontextError
+from kontext.errors import KontextError, first_line
 from kontext.model import Flux, FluxParams
 
 if TYPE_CHECKING:
@@ -191,11 +191,6 @@ def _read_export(folder: Path, device: str | torch.device) -> Artifact:
 
 
 # --------------------------------------------------------------------------- a run's config
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def read_run_config(path: Path):
     """A run's `config.yaml` as stored (resolved), refusing interpolations and Python tags."""
     from omegaconf import OmegaConf

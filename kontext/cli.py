@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kontext.errors import KontextError
+from kontext.errors import KontextError, first_line
 
 
 def parse_args(argv: Sequence[str], defaults: dict, usage: str) -> dict:
@@ -200,7 +200,6 @@ def hydra_guard(hydra_main: Callable[[], object], config_dir: str, config_name: 
             with initialize_config_dir(config_dir, version_base="1.3"):
                 compose(config_name, overrides=args)
         except (HydraException, OmegaConfBaseException) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: {first} (overrides: {' '.join(args) or 'none'})", file=sys.stderr)
+            print(f"error: {first_line(err)} (overrides: {' '.join(args) or 'none'})", file=sys.stderr)
             sys.exit(2)
     hydra_main()

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kontext.artifact import Artifact, build_from_run_config, first_line, read_artifact
-from kontext.errors import KontextError
+from kontext.artifact import Artifact, build_from_run_config, read_artifact
+from kontext.config_check import plain
+from kontext.errors import KontextError, first_line
 
 if TYPE_CHECKING:
     from kontext.autoencoder import AutoEncoder
@@ -61,16 +62,10 @@ def read_parts(source: str | os.PathLike, *, checkpoint: str | os.PathLike | Non
     autoencoder = build_autoencoder(cfg.get("autoencoder"), where).to(device)
     text = text if text is not None else build_from_run_config(cfg.get("text"), "text", where)
     return PipelineParts(model, autoencoder, text.to(device), sampler_defaults_from_run(cfg),
-                         _plain(cfg.get("text")), str(artifact.path))
+                         dict(plain(cfg.get("text")) or {}), str(artifact.path))
 
 
 # ----------------------------------------------------------------------------------- our runs
-def _plain(section) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
-
-
 def build_autoencoder(section, where: Path):
     """The autoencoder a run config describes: a built `AutoEncoder`, or params of the embedded
     architecture (whose trained weights ship with the package)."""
@@ -99,7 +94,7 @@ def sampler_defaults_from_run(cfg) -> dict:
     as the text-to-image size when none is set."""
     from omegaconf import OmegaConf
 
-    sampler = _plain(OmegaConf.select(cfg, "stage.finish.sampler", default=None))
+    sampler = dict(plain(OmegaConf.select(cfg, "stage.finish.sampler", default=None)) or {})
     if "guidance" not in sampler and OmegaConf.select(cfg, "stage.train_guidance", default=None) is not None:
         sampler["guidance"] = float(OmegaConf.select(cfg, "stage.train_guidance"))
     if "t2i_size" not in sampler:

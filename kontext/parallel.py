@@ -30,6 +30,8 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
+from kontext.errors import first_line
+
 AC_MODES = ("none", "full", "selective")
 INPUT_LAYERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
 
@@ -219,7 +221,7 @@ def compile_problem(device: torch.device | str | None = None) -> str | None:
 
             get_cpp_compiler()
         except Exception as e:  # noqa: BLE001 - any failure means no usable compiler
-            return f"torch.compile on CPU needs a C++ compiler ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            return f"torch.compile on CPU needs a C++ compiler ({first_line(e)})"
     elif kind == "cuda":
         try:
             import triton  # noqa: F401

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kontext.errors import KontextError
+from kontext.errors import KontextError, first_line
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
@@ -276,11 +276,6 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_model(cls, path: str | os.PathLike, what: str, model_types: tuple[str, ...], dtype: torch.dtype) -> nn.Module:
     """`cls.from_pretrained(path)` from local files only, strictly: a folder of another model
     type or with missing tensors is an error (transformers would silently initialise them)."""
@@ -290,14 +285,14 @@ def load_model(cls, path: str | os.PathLike, what: str, model_types: tuple[str, 
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
-        raise TextEncoderError(f"{what} folder {path}: config.json is unreadable ({_first_line(err)})") from err
+        raise TextEncoderError(f"{what} folder {path}: config.json is unreadable ({first_line(err)})") from err
     if model_type not in model_types:
         raise TextEncoderError(f"{what} folder {path} holds a {model_type!r} model, expected one of {model_types}")
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, output_loading_info=True)
     except Exception as err:  # transformers raises many types for a corrupt folder
-        raise TextEncoderError(f"{what} folder {path} could not be loaded: {_first_line(err)}") from err
+        raise TextEncoderError(f"{what} folder {path} could not be loaded: {first_line(err)}") from err
     missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
     if missing:
         raise TextEncoderError(f"{what} folder {path} lacks {len(missing)} tensors the model needs "
@@ -313,7 +308,7 @@ def load_tokenizer(path: str | os.PathLike, what: str):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise TextEncoderError(f"{what} folder {path} could not be loaded: {_first_line(err)}") from err
+        raise TextEncoderError(f"{what} folder {path} could not be loaded: {first_line(err)}") from err
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
