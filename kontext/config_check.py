@@ -192,6 +192,8 @@ KEYS: dict[str, object] = {
     "callbacks.checkpoint.every_n_train_steps": Num(0, null=True),
     "callbacks.checkpoint.save_top_k": Num(-1),
     "callbacks.metrics.grid_every_n_steps": COUNT,
+    "callbacks.validation.every_n_steps": COUNT,
+    "callbacks.validation.steps": Num(1, null=True),
     "prepare.shapes_edit.n": POSITIVE,
     "prepare.shapes_edit.shard_size": POSITIVE,
     "prepare.shapes_edit.size": Num(16),

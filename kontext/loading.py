@@ -59,13 +59,23 @@ def read_parts(source: str | os.PathLike, *, checkpoint: str | os.PathLike | Non
         return _export_parts(artifact, text, device, dtype)
     cfg, where = artifact.run_config, artifact.config_path
     model = artifact.transformer(device=device, dtype=dtype)
-    autoencoder = build_autoencoder(cfg.get("autoencoder"), where).to(device)
+    autoencoder = build_autoencoder(run_autoencoder_section(cfg), where).to(device)
     text = text if text is not None else build_from_run_config(cfg.get("text"), "text", where)
     return PipelineParts(model, autoencoder, text.to(device), sampler_defaults_from_run(cfg),
                          dict(plain(cfg.get("text")) or {}), str(artifact.path))
 
 
 # ----------------------------------------------------------------------------------- our runs
+def run_autoencoder_section(cfg):
+    """The section that built a run's autoencoder: the stage's (`load_autoencoder` of
+    `paths.autoencoder`, the weights the run trained with), else the top-level one."""
+    from omegaconf import DictConfig
+
+    stage = cfg.get("stage")
+    section = stage.get("autoencoder") if isinstance(stage, DictConfig) else None
+    return section if isinstance(section, DictConfig) else cfg.get("autoencoder")
+
+
 def build_autoencoder(section, where: Path):
     """The autoencoder a run config describes: a built `AutoEncoder`, or params of the embedded
     architecture (whose trained weights ship with the package)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from test_lora import base_file  # noqa: F401  (a fixture)
 from test_resume import assert_same_run, final_state, step_losses
 from test_resume import overrides as resume_overrides
@@ -41,10 +42,12 @@ def lora_overrides(base_file) -> list[str]:  # noqa: F811
 
 def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_file):  # noqa: F811
     run_dir = data_root / "run"
-    metrics = run(compose_train([*tiny_overrides(data_root, random_ae), *lora_overrides(base_file),
-                                 f"paths.output_dir={run_dir}", "trainer.max_steps=4", "stage.ema_decay=0.5",
-                                 "stage.optimizer.warmup_steps=1",
-                                 "stage.finish.benchmark.n_per_op=0"]))
+    cfg = compose_train([*tiny_overrides(data_root, random_ae), *lora_overrides(base_file),
+                         f"paths.output_dir={run_dir}", "trainer.max_steps=4", "stage.ema_decay=0.5",
+                         "stage.optimizer.warmup_steps=1", "stage.finish.benchmark.n_per_op=0",
+                         "callbacks.validation.every_n_steps=4", "callbacks.validation.steps=2"])
+    OmegaConf.update(cfg, "callbacks.validation.cases", [{"image": None, "prompt": "a red circle"}], force_add=True)
+    metrics = run(cfg)
     assert metrics["steps"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     weights = ckpt["state_dict"]
@@ -72,8 +75,15 @@ def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_fi
     # The run's checkpoint loads as the same merged model (sample.py checkpoint=<run>).
     from kontext.pipeline import KontextPipeline
 
-    merged = KontextPipeline.from_run_dir(run_dir).model.state_dict()
+    pipe = KontextPipeline.from_run_dir(run_dir)
+    merged = pipe.model.state_dict()
     assert all(torch.equal(merged[k], v) for k, v in exported.items())
+    # The validation edit at step 4 sampled the EMA adapters swapped into the training model.
+    import numpy as np
+    from PIL import Image
+
+    edited = np.asarray(Image.open(run_dir / "validation" / "step0000004" / "0.png")).astype(int)
+    assert np.abs(edited - np.asarray(pipe.edit([None], ["a red circle"], 0, steps=2)[0])).max() <= 1
     # diffusers' own model, from the base, with the run's diffusers-layout file: ours with the adapters.
     diffusers = pytest.importorskip("diffusers")
     from test_lora_files import inputs, run_theirs, theirs_from
