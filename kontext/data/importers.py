@@ -134,7 +134,7 @@ def _pair(key: str, target: Path | Blob, instruction: str | None, refs: list[Pat
     return Sample(make_key(key), instruction, target_bytes, ref_bytes, meta)
 
 
-class _Importer:
+class Importer:
     """Adds one item at a time; an item that fails in any way is a skip with its reason. Used as a
     context manager, so the shards are closed and published however the import ends."""
 
@@ -154,7 +154,7 @@ class _Importer:
         self.keys[sample.key] = item
         self.report.written += 1
 
-    def __enter__(self) -> _Importer:
+    def __enter__(self) -> Importer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,7 +191,7 @@ def import_folder(target_dir: str | os.PathLike, reference_dirs: list[str | os.P
         key = str(rel.with_suffix("")).replace(os.sep, "__")
         return _pair(key, path, text, refs, meta, min_side, allow_empty, max_pixels)
 
-    with _Importer(writer) as imp:
+    with Importer(writer) as imp:
         for path, rel in folder_pairs(target_dir):
             imp.add(str(path), lambda path=path, rel=rel: build(path, rel))
     return imp.report
@@ -357,7 +357,7 @@ def import_jsonl(manifest: str | os.PathLike, writer: ShardWriter, *, base_dir: 
             raise BadRecord(f"bad manifest line: {row}")
         return record_sample(row, fields, base, lineno, meta, checks, bad="bad manifest line")
 
-    with _Importer(writer) as imp:
+    with Importer(writer) as imp:
         for lineno, row in rows.items():
             imp.add(f"{manifest}:{lineno}", lambda row=row, lineno=lineno: build(row, lineno))
     return imp.report
