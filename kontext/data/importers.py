@@ -293,7 +293,7 @@ def read_record(row, fields: Fields, base: Path, name: str = "", inline: bool = 
         value = row.get(fields.names[f][0])
         if not isinstance(value, (str, type(None))):
             raise BadRecord(f"{fields[f]} must be {'text' if f == 'instruction' else 'text or null'}, "
-                              f"got {value!r:.40}")
+                            f"got {value!r:.40}")
         out[f] = value
     if fields.names["target"][0] not in row:
         raise BadRecord(f"no {fields['target']}")
@@ -306,7 +306,7 @@ def read_record(row, fields: Fields, base: Path, name: str = "", inline: bool = 
         found = _images(row.get(col), base, f"{name} {col}", inline, True)
         if found is None:
             raise BadRecord(f"{col} must be {image}, a list of {'them' if inline else 'paths'} or null, "
-                              f"got {row[col]!r:.40}")
+                            f"got {row[col]!r:.40}")
         out["reference"] += found
     return out
 
