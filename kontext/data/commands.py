@@ -13,11 +13,15 @@ SHAPES_USAGE = """usage: python data/shapes_edit.py out=DIR [n=10000] [seed=0] [
     [mix=recolor=1,remove=1,add=1,move=1,background=1,t2i=1] [shard_size=1000] [start=0] [paraphrase=false]
 Writes Shapes-Edit cases start..start+n-1 of (split, seed) as PNG shards DIR/shapes-SPLIT-SEED-%06d.tar."""
 
-IMPORT_USAGE = """usage: python data/import_pairs.py out=DIR (folder=TARGETS [references=[REFS_A,REFS_B]] | manifest=FILE.jsonl)
+IMPORT_USAGE = """usage: python data/import_pairs.py out=DIR (folder=TARGETS [references=[REFS_A,REFS_B]] | manifest=FILE.jsonl
+    | csv=metadata.csv | table=FILE.parquet|DIR) [fields=instruction=prompt,reference=input_images,target=output_image]
     [prefix=pairs] [shard_size=1000] [task=null] [source=null] [min_side=16] [allow_empty=false] [report=FILE.json]
     [max_pixels=64000000] [encoding=utf-8]
 Checks every pair and writes whole samples only; prints (and saves) what was skipped and why.
-Text (manifest, captions) is read as `encoding` (e.g. latin-1); larger images than max_pixels are skipped."""
+fields: the names of the record's fields or columns, over reference, instruction, target, task, key
+(several reference columns: reference=a+b). table: Parquet files, or a folder that datasets' save_to_disk
+wrote (needs pyarrow: pip install 'kontext[import]').
+Text (manifest, captions, CSV) is read as `encoding` (e.g. latin-1); larger images than max_pixels are skipped."""
 
 INSPECT_USAGE = """usage: python data/inspect_shards.py shards=SPEC [grid=FILE.png] [grid_samples=16] [cell=128] [json=FILE.json]
 SPEC: a directory, a brace pattern (dir/shapes-{000000..000009}.tar), a glob or a URL."""
@@ -53,22 +57,37 @@ def import_main(argv: list[str]):
     import codecs
 
     from kontext.data.format import MAX_PIXELS
-    from kontext.data.importers import import_folder, import_jsonl
+    from kontext.data.importers import import_folder, import_jsonl, parse_fields
+    from kontext.data.tables import import_csv, import_table, require_pyarrow
     from kontext.data.writers import ShardWriter
 
-    a = parse_args(argv, {"out": "???", "folder": None, "references": [], "manifest": None, "prefix": "pairs",
-                          "shard_size": 1000, "task": None, "source": None, "min_side": 16,
-                          "allow_empty": False, "report": None, "max_pixels": MAX_PIXELS, "encoding": "utf-8"},
+    sources = ("folder", "manifest", "csv", "table")
+    a = parse_args(argv, {"out": "???", "folder": None, "references": [], "manifest": None, "csv": None,
+                          "table": None, "fields": None, "prefix": "pairs", "shard_size": 1000, "task": None,
+                          "source": None, "min_side": 16, "allow_empty": False, "report": None,
+                          "max_pixels": MAX_PIXELS, "encoding": "utf-8"},
                    IMPORT_USAGE)
-    if (a["folder"] is None) == (a["manifest"] is None):
-        raise KontextError("give exactly one of folder=... or manifest=...")
-    src = Path(str(a["folder"] if a["folder"] is not None else a["manifest"]))
+    given = [s for s in sources if a[s] is not None]
+    if len(given) != 1:
+        raise KontextError("give exactly one of folder=..., manifest=..., csv=... or table=...")
+    kind = given[0]
+    src = Path(str(a[kind]))
     if not src.exists():
         raise KontextError(f"{src} does not exist")
-    if a["folder"] is not None and not src.is_dir():
+    if kind == "folder" and not src.is_dir():
         raise KontextError(f"folder={src} is a file; give the folder of target images (or manifest={src})")
-    if a["manifest"] is not None and not src.is_file():
+    if kind == "manifest" and not src.is_file():
         raise KontextError(f"manifest={src} is a folder; give the .jsonl file (or folder={src})")
+    if kind == "csv" and not src.is_file():
+        raise KontextError(f"csv={src} is a folder; give the .csv file (such as {src / 'metadata.csv'})")
+    if kind != "folder" and a["references"]:
+        raise KontextError(f"references= are folders of reference images for folder=; {kind}= names its "
+                           "reference column with fields=reference=NAME")
+    if kind == "folder" and a["fields"] is not None:
+        raise KontextError("fields= names the fields of a manifest, CSV or table, not of folder=")
+    parse_fields(a["fields"])
+    if kind == "table":
+        require_pyarrow()
     refs = [a["references"]] if isinstance(a["references"], str) else list(a["references"] or [])
     for r in refs:
         if not Path(str(r)).is_dir():
@@ -86,11 +105,16 @@ def import_main(argv: list[str]):
         check_writable(a["report"], "report")
     writer = ShardWriter(str(out / f"{a['prefix']}-%06d.tar"), maxcount=a["shard_size"])
     common = {"task": a["task"], "source": a["source"], "min_side": a["min_side"], "allow_empty": a["allow_empty"],
-              "max_pixels": a["max_pixels"], "encoding": str(a["encoding"])}
-    if a["folder"] is not None:
-        report = import_folder(src, refs, writer, **common)
+              "max_pixels": a["max_pixels"]}
+    text = {"encoding": str(a["encoding"])}
+    if kind == "folder":
+        report = import_folder(src, refs, writer, **common, **text)
+    elif kind == "manifest":
+        report = import_jsonl(src, writer, fields=a["fields"], **common, **text)
+    elif kind == "csv":
+        report = import_csv(src, writer, fields=a["fields"], **common, **text)
     else:
-        report = import_jsonl(src, writer, **common)
+        report = import_table(src, writer, fields=a["fields"], **common)
     print(report.summary())
     for item, reason in report.skipped[:20]:
         print(f"  skipped {item}: {reason}")

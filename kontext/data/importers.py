@@ -1,4 +1,5 @@
-"""Importers: a folder of image pairs, or a JSONL manifest, into Kontext shards.
+"""Importers: a folder of image pairs, or a JSONL manifest, into Kontext shards; the same checks
+and report for CSV, Parquet and Hugging Face datasets folders (`kontext.data.tables`).
 
 Folder layout (the convention of common Kontext trainers): target images with a same-named
 `.txt` instruction beside them, and one folder per reference holding files of the same relative
@@ -10,6 +11,10 @@ Manifest: one JSON object per line, paths relative to the manifest's folder:
 
     {"reference": "a.jpg" | ["a.jpg", "b.png"] | null, "instruction": "...", "target": "t.png",
      "task": "...", "key": "..."}      (task and key optional)
+
+Records of other trainers keep their own field names, mapped by `fields`
+(`instruction=prompt,reference=input_images,target=output_image`); several reference fields
+(`reference=before+style`) give their images in that order, each a path or a list of paths.
 
 Every pair is checked (fields of the right types, files exist, decode, are at least `min_side`
 and at most `max_pixels` pixels, instruction present, key unique) before it is written; a pair
@@ -26,7 +31,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,13 +75,17 @@ def read_image(path: Path, min_side: int = 16, max_pixels: int | None = MAX_PIXE
     """Shard-ready bytes of one image file (see the module docstring); FormatError on failure."""
     if not path.is_file():
         raise FormatError(f"missing file: {path}")
-    data = path.read_bytes()
+    return check_image(path.read_bytes(), str(path), min_side, max_pixels)
+
+
+def check_image(data: bytes, name: str, min_side: int = 16, max_pixels: int | None = MAX_PIXELS) -> bytes:
+    """Shard-ready bytes of one encoded image called `name` in messages; FormatError on failure."""
     try:
-        open_image(io.BytesIO(data), max_pixels, name=str(path)).close()  # too large: refused unread
+        open_image(io.BytesIO(data), max_pixels, name=name).close()  # too large: refused unread
     except ImageTooLarge:
         raise
     except Exception as e:
-        raise FormatError(f"unreadable image: {path}: {e}") from e
+        raise FormatError(f"unreadable image: {name}: {e}") from e
     try:
         image_format(data)
         img = decode_image(data, max_pixels)
@@ -86,27 +95,46 @@ def read_image(path: Path, min_side: int = 16, max_pixels: int | None = MAX_PIXE
                 im.load()
                 img = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         except Exception as e:
-            raise FormatError(f"unreadable image: {path}: {e}") from e
+            raise FormatError(f"unreadable image: {name}: {e}") from e
         data = encode_image(img, "png")
     if min(img.size) < min_side:
-        raise FormatError(f"image smaller than {min_side} px: {path} is {img.size[0]}x{img.size[1]}")
+        raise FormatError(f"image smaller than {min_side} px: {name} is {img.size[0]}x{img.size[1]}")
     return data
 
 
-def _pair(key: str, target: Path, instruction: str | None, refs: list[Path], meta: dict,
+@dataclass(frozen=True)
+class Blob:
+    """An image stored inside a table cell: its bytes, its name in messages and the file name it
+    came from, if the cell says."""
+
+    data: bytes
+    name: str
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _load(image: Path | Blob, min_side: int, max_pixels: int | None) -> bytes:
+    if isinstance(image, Blob):
+        return check_image(image.data, image.name, min_side, max_pixels)
+    return read_image(image, min_side, max_pixels)
+
+
+def _pair(key: str, target: Path | Blob, instruction: str | None, refs: list[Path | Blob], meta: dict,
           min_side: int, allow_empty: bool, max_pixels: int | None) -> Sample:
     if instruction is None:
         raise FormatError(f"no instruction for {target}")
     instruction = instruction.strip()
     if not instruction and not allow_empty:
         raise FormatError(f"empty instruction for {target}")
-    target_bytes = read_image(target, min_side, max_pixels)
-    ref_bytes = [read_image(r, min_side, max_pixels) for r in refs]
+    target_bytes = _load(target, min_side, max_pixels)
+    ref_bytes = [_load(r, min_side, max_pixels) for r in refs]
     meta = {"task": "edit" if refs else "t2i", **meta}
     return Sample(make_key(key), instruction, target_bytes, ref_bytes, meta)
 
 
-class _Importer:
+class Importer:
     """Adds one item at a time; an item that fails in any way is a skip with its reason. Used as a
     context manager, so the shards are closed and published however the import ends."""
 
@@ -126,7 +154,7 @@ class _Importer:
         self.keys[sample.key] = item
         self.report.written += 1
 
-    def __enter__(self) -> _Importer:
+    def __enter__(self) -> Importer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -163,7 +191,7 @@ def import_folder(target_dir: str | os.PathLike, reference_dirs: list[str | os.P
         key = str(rel.with_suffix("")).replace(os.sep, "__")
         return _pair(key, path, text, refs, meta, min_side, allow_empty, max_pixels)
 
-    with _Importer(writer) as imp:
+    with Importer(writer) as imp:
         for path, rel in folder_pairs(target_dir):
             imp.add(str(path), lambda path=path, rel=rel: build(path, rel))
     return imp.report
@@ -176,56 +204,160 @@ def _caption(txt: Path, encoding: str) -> str:
         raise FormatError(f"unreadable instruction: {e}") from e
 
 
-def check_record(row) -> str | None:
-    """What is wrong with the fields of one manifest record, or None."""
-    if not isinstance(row, dict):
-        return f"not a JSON object: {row!r:.40}"
-    if "target" not in row:
-        return "no target"
-    refs = row.get("reference")
-    for key, ok, expected in [
-        ("target", isinstance(row["target"], str) and row["target"], "a path"),
-        ("reference", refs is None or isinstance(refs, str)
-         or (isinstance(refs, list) and all(isinstance(r, str) for r in refs)), "a path, a list of paths or null"),
-        ("instruction", isinstance(row.get("instruction"), (str, type(None))), "text"),
-        ("task", isinstance(row.get("task"), (str, type(None))), "text or null"),
-        ("key", isinstance(row.get("key"), (str, type(None))), "text or null"),
-    ]:
-        if not ok:
-            return f"{key} must be {expected}, got {row[key]!r:.40}"
+FIELDS = ("reference", "instruction", "target", "task", "key")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where each field of a sample is in a record: one field (column) name each, and for
+    `reference` one or several, whose images are taken in order. `given` holds the names the user
+    chose; the others are the defaults, each field's own name."""
+
+    names: dict[str, tuple[str, ...]] = field(default_factory=lambda: {f: (f,) for f in FIELDS})
+    given: frozenset[str] = frozenset()
+
+    def __getitem__(self, name: str) -> str:
+        return "+".join(self.names[name])
+
+    def check(self, columns: list[str], where: str, required: tuple[str, ...] = (), kind: str = "column") -> None:
+        """One-line KontextError, listing the columns there are, if a chosen column or one of the
+        `required` fields' is not among `columns`."""
+        for name in dict.fromkeys((*required, *FIELDS)):
+            for col in self.names[name]:
+                if col not in columns and (col in self.given or name in required):
+                    hint = "" if col in self.given else f" (name the {name} {kind} with fields={name}=NAME)"
+                    raise KontextError(f"no {kind} {col!r} in {where}{hint}; the {kind}s are: {', '.join(columns)}")
+
+
+def parse_fields(spec: str | Mapping | None) -> Fields:
+    """Fields from `instruction=prompt,reference=input_images,target=output_image` (several
+    reference columns joined by `+`: `reference=before+style`) or the same as a dict; the fields
+    not named keep their default names. A bad spec is a one-line KontextError."""
+    if spec is None or spec == "":
+        items = []
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            name, sep, cols = (x.strip() for x in part.partition("="))
+            if not sep or not name or not cols:
+                raise KontextError(f"fields is field=column[,field=column...], got {part.strip()!r} in {spec!r}")
+            items.append((name, tuple(c.strip() for c in cols.split("+"))))
+    elif isinstance(spec, Mapping):
+        items = [(str(k), (v,) if isinstance(v, str) else tuple(v or ())) for k, v in spec.items()]
+    else:
+        raise KontextError(f"fields is field=column[,field=column...], got {spec!r}")
+    names = Fields().names
+    for name, cols in items:
+        if name not in names:
+            raise KontextError(f"fields: unknown field {name!r}; the fields are {', '.join(FIELDS)}")
+        if not cols or not all(isinstance(c, str) and c for c in cols):
+            raise KontextError(f"fields: {name} needs a column name, got {'+'.join(map(str, cols))!r}")
+        if len(cols) > 1 and name != "reference":
+            raise KontextError(f"fields: only reference takes several columns, got {name}={'+'.join(cols)}")
+        names[name] = cols
+    return Fields(names, frozenset(c for _, cols in items for c in cols))
+
+
+def _images(value, base: Path, name: str, inline: bool, several: bool) -> list[Path | Blob] | None:
+    """The images of one cell, or None if it is not images: paths (relative to `base`), and with
+    `inline` also encoded bytes or a Hugging Face Image struct {bytes, path}; with `several`, a
+    list of these. None and "" are no image."""
+    if several and isinstance(value, list):
+        found = [_images(v, base, name, inline, False) for v in value]
+        return None if any(f is None for f in found) else [i for f in found for i in f]
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [base / value]
+    if inline and isinstance(value, bytes):
+        return [Blob(value, name)]
+    if inline and isinstance(value, Mapping) and set(value) <= {"bytes", "path"}:
+        data, path = value.get("bytes"), value.get("path")
+        if data and isinstance(data, bytes):
+            return [Blob(data, f"{name} ({path})" if path else name, path)]
+        return _images(path, base, name, inline, False)
     return None
 
 
+class BadRecord(FormatError):
+    """A record whose fields are missing or of the wrong type."""
+
+
+def read_record(row, fields: Fields, base: Path, name: str = "", inline: bool = False) -> dict:
+    """A record's fields under their own names, its images as paths relative to `base` (or Blobs
+    called `name` and the column); BadRecord saying what is wrong with it."""
+    if not isinstance(row, Mapping):
+        raise BadRecord(f"not a JSON object: {row!r:.40}")
+    out, image = {}, "an image (a path, bytes or {bytes, path})" if inline else "a path"
+    for f in ("instruction", "task", "key"):
+        value = row.get(fields.names[f][0])
+        if not isinstance(value, (str, type(None))):
+            raise BadRecord(f"{fields[f]} must be {'text' if f == 'instruction' else 'text or null'}, "
+                            f"got {value!r:.40}")
+        out[f] = value
+    if fields.names["target"][0] not in row:
+        raise BadRecord(f"no {fields['target']}")
+    target = row[fields.names["target"][0]]
+    found = _images(target, base, f"{name} {fields['target']}", inline, False)
+    if not found:
+        raise BadRecord(f"{fields['target']} must be {image}, got {target!r:.40}")
+    out["target"], out["reference"] = found[0], []
+    for col in fields.names["reference"]:
+        found = _images(row.get(col), base, f"{name} {col}", inline, True)
+        if found is None:
+            raise BadRecord(f"{col} must be {image}, a list of {'them' if inline else 'paths'} or null, "
+                            f"got {row[col]!r:.40}")
+        out["reference"] += found
+    return out
+
+
+def record_sample(row, fields: Fields, base: Path, number: int, meta: dict, checks: dict, *, bad: str,
+                  name: str = "", inline: bool = False, stem: str = "row") -> Sample:
+    """The Sample of one record (manifest line, CSV row, table row) numbered `number`; its key is
+    its own or `<target file name>-<number>` (`<stem>-<number>` for an image without a name). A
+    BadRecord says `bad` and what is wrong."""
+    try:
+        rec = read_record(row, fields, base, name, inline)
+    except BadRecord as e:
+        raise BadRecord(f"{bad}: {e}") from e
+    target = rec["target"]
+    path = target.path if isinstance(target, Blob) else target
+    meta = {**meta, **({"task": rec["task"]} if rec["task"] else {})}
+    key = rec["key"] or f"{Path(path).stem if path else stem}-{number:08d}"
+    return _pair(key, target, rec["instruction"], rec["reference"], meta, **checks)
+
+
 def import_jsonl(manifest: str | os.PathLike, writer: ShardWriter, *, base_dir: str | os.PathLike | None = None,
-                 task: str | None = None, source: str | None = None, min_side: int = 16,
-                 allow_empty: bool = False, max_pixels: int | None = MAX_PIXELS,
+                 fields: str | Mapping | None = None, task: str | None = None, source: str | None = None,
+                 min_side: int = 16, allow_empty: bool = False, max_pixels: int | None = MAX_PIXELS,
                  encoding: str = "utf-8") -> ImportReport:
-    """Raises KontextError (before writing anything) if the manifest is not a readable `encoding` file."""
+    """Raises KontextError (before writing anything) if the manifest is not a readable `encoding`
+    file, or if no record has a field that `fields` names."""
     manifest = Path(manifest)
     base = Path(base_dir) if base_dir is not None else manifest.parent
     if not manifest.is_file():
         raise KontextError(f"manifest {manifest} is {'a folder' if manifest.is_dir() else 'not found'}")
+    fields = parse_fields(fields)
     lines = read_text(manifest, encoding, "manifest", "encoding").splitlines()
+    rows = {}
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows[lineno] = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows[lineno] = e
+    seen = dict.fromkeys(k for r in rows.values() if isinstance(r, dict) for k in r)
+    if seen:
+        fields.check(list(seen), f"the records of {manifest}", kind="field")
+    meta = {"source": source or manifest.stem, **({"task": task} if task else {})}
+    checks = {"min_side": min_side, "allow_empty": allow_empty, "max_pixels": max_pixels}
 
-    def build(line: str, lineno: int) -> Sample:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"bad manifest line: {e}") from e
-        problem = check_record(row)
-        if problem:
-            raise FormatError(f"bad manifest line: {problem}")
-        target, refs = row["target"], row.get("reference")
-        refs = [] if refs is None else [refs] if isinstance(refs, str) else refs
-        meta = {"source": source or manifest.stem}
-        if row.get("task") or task:
-            meta["task"] = row.get("task") or task
-        key = row.get("key") or f"{Path(target).stem}-{lineno:08d}"
-        return _pair(key, base / target, row.get("instruction"), [base / r for r in refs], meta,
-                     min_side, allow_empty, max_pixels)
+    def build(row, lineno: int) -> Sample:
+        if isinstance(row, json.JSONDecodeError):
+            raise BadRecord(f"bad manifest line: {row}")
+        return record_sample(row, fields, base, lineno, meta, checks, bad="bad manifest line")
 
-    with _Importer(writer) as imp:
-        for lineno, line in enumerate(lines, 1):
-            if line.strip():
-                imp.add(f"{manifest}:{lineno}", lambda line=line, lineno=lineno: build(line, lineno))
+    with Importer(writer) as imp:
+        for lineno, row in rows.items():
+            imp.add(f"{manifest}:{lineno}", lambda row=row, lineno=lineno: build(row, lineno))
     return imp.report
