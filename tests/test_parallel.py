@@ -71,10 +71,10 @@ def flow_loss(model: Flux, batch: dict, rows: slice = slice(None)) -> torch.Tens
     return flow.flow_loss(packing.target_slice(pred, tokens.n_img), flow.velocity_target(target, noise))
 
 
-def train(model: Flux, ema: EMA, rows: slice = slice(None)) -> list[float]:
+def train(model: Flux, ema: EMA, rows: slice = slice(None), steps: int = STEPS) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         loss = flow_loss(model, flow_batch(step), rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)  # small enough to clip: checks the global norm
@@ -280,3 +280,55 @@ def test_fsdp_two_processes_match_one_process(mode, tmp_path):
     assert sd.keys() == full.keys()
     assert all(torch.equal(sd[k], full[k]) for k in sd)
     assert os.listdir(tmp_path / "dcp") and (tmp_path / "dcp" / ".metadata").is_file()
+
+
+def _paper_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ref = random_flux(3).train()
+        ref_losses = train(ref, EMA(ref, decay=0.9), steps=PAPER_STEPS)
+
+        model = random_flux(3).train()
+        ema = EMA(model, decay=0.9)
+        recipe = ParallelConfig(param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing="selective")
+        parallelize(model, recipe, cpu_mesh(), ema=ema.model)
+        seen = set()  # the dtype of the weights a block computes with, after FSDP's all-gather
+        qkv = model.double_blocks[0].img_attn.qkv
+        hook = qkv.register_forward_pre_hook(lambda m, args: seen.add((m.weight.dtype, args[0].dtype)))
+        per_rank = GLOBAL_BATCH // world
+        losses = torch.tensor(train(model, ema, slice(rank * per_rank, (rank + 1) * per_rank), steps=PAPER_STEPS))
+        hook.remove()
+        dist.all_reduce(losses)
+        losses /= world
+        flow_loss(model, flow_batch(0), slice(rank * per_rank, (rank + 1) * per_rank)).backward()
+        report = {
+            "ref_losses": ref_losses, "losses": losses.tolist(), "compute_dtypes": sorted(str(d) for d in seen),
+            "master_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
+            "sharded": is_sharded(model) and is_sharded(ema.model),
+            "ema_dtypes": sorted({str(p.dtype) for p in ema.model.parameters()}),
+        }
+        if rank == 0:
+            Path(out, "report.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+PAPER_STEPS = 12
+
+
+@pytest.mark.slow
+def test_paper_mixed_precision_under_fsdp_two_processes(tmp_path):
+    """The paper's recipe (parallel=paper: bf16 all-gathers and compute, fp32 gradient
+    reduce-scatter, fp32 master weights, selective checkpointing) trains under FSDP2 on 2 CPU
+    processes with gloo, and its losses track one fp32 process's on the same global batches."""
+    mp.start_processes(_paper_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(f"\nparallel=paper, 2 ranks vs fp32 1 process: {report}")
+    assert report["sharded"]
+    assert report["compute_dtypes"] == [str((torch.bfloat16, torch.bfloat16))], report  # weights and activations
+    assert report["master_dtypes"] == report["grad_dtypes"] == report["ema_dtypes"] == ["torch.float32"], report
+    ref, got = torch.tensor(report["ref_losses"]), torch.tensor(report["losses"])
+    assert got[-4:].mean() < got[:4].mean() - 0.05, report  # it trains
+    assert ((got - ref).abs() / ref).max() < 0.02, report  # within bf16 rounding of the fp32 run
