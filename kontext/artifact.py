@@ -15,7 +15,10 @@ EMA), a checkpoint's raw weights when asked for, and the run's config or the exp
 pipeline (`sample.py`), the distillation teacher, the export and this module's command read
 through it; the command writes the transformer as a reference-format file:
 
-    python -m kontext.artifact RUN_DIR|CHECKPOINT transformer.safetensors [--raw]
+    python -m kontext.artifact RUN_DIR|CHECKPOINT transformer.safetensors [--raw] [--dtype bf16]
+
+A sharded checkpoint is exported without gathering it: `sharded_artifact` reads all but its
+weights, and :mod:`kontext.stream_export` writes the file tensor by tensor.
 
 A run's config builds only the project's own classes (`BUILDS`) and holds no interpolation, and
 a checkpoint is read weights-only (:mod:`kontext.checkpoint`): reading someone else's run never
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `state_dict.`
 RAW_PREFIX = "model."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the command's --dtype
 EXPORT_FORMAT = "kontext-export"
 # What each section of a run's config may build (`_target_`, at any depth).
 BUILDS = {
@@ -73,14 +77,19 @@ class Artifact:
             raise KontextError(f"{self.path} holds no raw weights (only a training checkpoint does)")
         what = (f"{'raw' if raw else 'EMA'} weights in {self.path} (config {self.config_path})"
                 if self.run_config is not None else f"Flux weights in {self.path}")
-        lora = None
-        if self.run_config is not None:
-            from omegaconf import OmegaConf
-
-            lora = OmegaConf.select(self.run_config, "stage.lora", default=None)
+        lora = self.lora
         if lora is None:
             return flux_from_weights(self.params, weights, what, device=device, dtype=dtype)
         return self._merged_lora_run(weights, float(lora["alpha"]), what).to(device=device, dtype=dtype)
+
+    @property
+    def lora(self):
+        """A LoRA run's `stage.lora` section (its weights are adapters on `stage.init_from`), else None."""
+        if self.run_config is None:
+            return None
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(self.run_config, "stage.lora", default=None)
 
     def _merged_lora_run(self, adapters: dict[str, Tensor], alpha: float, what: str) -> Flux:
         from omegaconf import OmegaConf
@@ -98,33 +107,61 @@ class Artifact:
 
 def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                   config: str | os.PathLike | None = None, params: FluxParams | str | None = None,
-                  raw: bool = False, device: str | torch.device = "cpu") -> Artifact:
+                  raw: bool = False, device: str | torch.device = "cpu", weights: bool = True) -> Artifact:
     """The transformer of `source` (see the module docstring).
 
     checkpoint: in a run directory, the checkpoint to read instead of the newest (a path, or a
       name under `checkpoints/`); config: the run config of a checkpoint that is not in its run's
       `checkpoints/`; params: the architecture of a reference file that records none; raw: also
       read a checkpoint's raw weights; device: where a safetensors file is read to (checkpoint
-      tensors stay on the CPU, memory-mapped where the format allows)."""
+      tensors stay on the CPU, memory-mapped where the format allows); weights=False: a
+      checkpoint's tensors on the meta device (shapes and dtypes from its metadata, none read)."""
+    kind, path, config = locate(source, checkpoint, config)
+    if kind == "file":
+        from kontext.model import read_flux
+
+        params, tensors = read_flux(path, params, device=device)
+        return Artifact(params, tensors, None, path)
+    if kind == "export":
+        return _read_export(path, device)
+    return _read_checkpoint(path, config, raw, weights)
+
+
+def locate(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+           config: str | os.PathLike | None = None) -> tuple[str, Path, Path | None]:
+    """What `read_artifact(source, checkpoint=, config=)` reads: ("file", the .safetensors, None),
+    ("export", the folder, None) or ("checkpoint", the checkpoint file or folder, its run config
+    if known)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise KontextError(f"trained model not found: {path} (give a run directory, a training checkpoint, "
                            "an export folder or a reference-format .safetensors)")
     if path.is_file() and path.suffix == ".safetensors":
-        from kontext.model import read_flux
-
-        params, weights = read_flux(path, params, device=device)
-        return Artifact(params, weights, None, path)
+        return "file", path, None
     if path.is_dir() and (path / "config.json").is_file():
-        return _read_export(path, device)
+        return "export", path, None
     if path.is_dir() and not _is_checkpoint_folder(path):  # a run directory
         run_dir, path = path, _run_checkpoint(path, checkpoint)
         if path is None:
             if (run_dir / "export" / "config.json").is_file():
-                return _read_export(run_dir / "export", device)
+                return "export", run_dir / "export", None
             raise KontextError(f"{run_dir} has no checkpoints/*.ckpt and no export/ folder")
         config = config or run_dir / "config.yaml"
-    return _read_checkpoint(path, config, raw)
+    return "checkpoint", path, None if config is None else Path(config)
+
+
+def sharded_artifact(source: str | os.PathLike, raw: bool = False) -> Artifact | None:
+    """`read_artifact(source, raw=raw)` without its weights (meta tensors) when `source` is, or
+    resolves to, a sharded checkpoint folder of a run that is not a LoRA run: an export streams
+    its weights tensor by tensor (:mod:`kontext.stream_export`). None for any other source, and
+    for a missing one (the caller's own reader says what is wrong)."""
+    if not Path(source).expanduser().exists():
+        return None
+    kind, path, config = locate(source)
+    if kind != "checkpoint" or not path.is_dir():
+        return None
+    artifact = _read_checkpoint(path, config, raw, weights=False)
+    return None if artifact.lora is not None else artifact
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
@@ -146,7 +183,7 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path
     return newest
 
 
-def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool) -> Artifact:
+def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool, weights: bool = True) -> Artifact:
     from kontext.checkpoint import consolidate
 
     if config is None:  # RUN/checkpoints/x.ckpt, or a checkpoint beside its config
@@ -156,11 +193,11 @@ def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool) ->
     config = Path(config)
     cfg = read_run_config(config)
     params = build_from_run_config(cfg.get("model"), "model", config)
-    ema = consolidate(path, "state_dict." + EMA_PREFIX)
+    ema = consolidate(path, "state_dict." + EMA_PREFIX, read=weights)
     if not ema:
         raise KontextError(f"{path} holds no EMA weights (keys {EMA_PREFIX}*); is it a flow-stage checkpoint?")
-    weights = consolidate(path, "state_dict." + RAW_PREFIX) if raw else None
-    return Artifact(params, ema, weights, path, run_config=cfg, config_path=config)
+    trained = consolidate(path, "state_dict." + RAW_PREFIX, read=weights) if raw else None
+    return Artifact(params, ema, trained, path, run_config=cfg, config_path=config)
 
 
 # ----------------------------------------------------------------------------- export folders
@@ -243,12 +280,19 @@ def build_from_run_config(section, what: str, where: Path):
 
 
 # ----------------------------------------------------------------------------- the command
-def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
+                       dtype: torch.dtype | None = None) -> Path:
     """The transformer of `source` (a checkpoint's EMA, or with `ema=False` its raw weights) as a
-    reference-format safetensors file."""
-    from kontext.model import save_flux
+    reference-format safetensors file, cast to `dtype` (default: as stored). A sharded checkpoint
+    is written tensor by tensor, never gathered whole."""
+    from kontext.model import flux_metadata, save_flux
 
-    return Path(save_flux(read_artifact(source, raw=not ema).transformer(raw=not ema), out))
+    sharded = sharded_artifact(source, raw=not ema)
+    if sharded is not None:
+        from kontext.stream_export import stream_transformer
+
+        return stream_transformer(sharded, out, raw=not ema, dtype=dtype, metadata=flux_metadata(sharded.params))
+    return Path(save_flux(read_artifact(source, raw=not ema).transformer(raw=not ema, dtype=dtype), out))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,8 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source")
     parser.add_argument("out")
     parser.add_argument("--raw", action="store_true", help="a checkpoint's trained weights instead of their EMA")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
     args = parser.parse_args(argv)
-    print(export_transformer(args.source, args.out, ema=not args.raw))
+    print(export_transformer(args.source, args.out, ema=not args.raw, dtype=DTYPES.get(args.dtype)))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ Reading a checkpoint never runs code from it: pickled records are loaded with
 (`safe_globals`), also on Lightning's resume path; a sharded folder's pickled metadata passes
 a restricted unpickler first. A file that is damaged or holds anything else is skipped by
 `resume=auto` with one line naming it. A sharded checkpoint consolidates to a plain state dict
-in one process, without a process group; :mod:`kontext.artifact` reads a run's weights (for
-sampling, a teacher or a reference-format export) through `newest_checkpoint` and `consolidate`.
+in one process, without a process group, or tensor by tensor (`ShardedTensors`, for exports
+that never hold the whole model: :mod:`kontext.stream_export`); :mod:`kontext.artifact` reads a
+run's weights (for sampling, a teacher or an export) through `newest_checkpoint` and `consolidate`.
 """
 
 from __future__ import annotations
@@ -325,31 +326,50 @@ def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
 
 # ----------------------------------------------------------------------------- consolidation
 
-def consolidate(path: str | os.PathLike, prefix: str = "state_dict.") -> dict[str, torch.Tensor]:
+def consolidate(path: str | os.PathLike, prefix: str = "state_dict.", read: bool = True) -> dict[str, torch.Tensor]:
     """The full tensors of a checkpoint whose key starts with `prefix` (stripped), in one
     process. Sharded folders are read shard by shard, without a process group; for them the
-    keys are flattened with dots (`state_dict.model.img_in.weight`)."""
+    keys are flattened with dots (`state_dict.model.img_in.weight`). With `read=False`, the
+    tensors on the meta device: their shapes and dtypes, from the checkpoint's metadata alone."""
     path = Path(path)
     if not (path / ".metadata").is_file():  # a folder of shards without `meta.pt` is complete here
         check_complete(path)
     state = read_state(path)
     if path.is_file():
         flat = _flatten(state)
-        return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and torch.is_tensor(v)}
+        return {k[len(prefix):]: v if read else torch.empty_like(v, device="meta")
+                for k, v in flat.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    shards = ShardedTensors(path, prefix)
+    return shards.load(list(shards.tensors)) if read else dict(shards.tensors)
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
-    wanted = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-              for key, meta in reader.read_metadata().state_dict_metadata.items()
-              if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    if not wanted:
-        return {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(wanted, storage_reader=reader, no_dist=True)
-    return {k[len(prefix):]: v for k, v in wanted.items()}
+class ShardedTensors:
+    """The tensors under `prefix` (stripped) of a sharded checkpoint folder that `read_state` has
+    checked: `tensors` (on the meta device) from its metadata, read once; `load` reads the full
+    tensors of some keys, in one process and holding only those, so a caller can go through a
+    checkpoint larger than memory one tensor at a time."""
+
+    def __init__(self, path: Path, prefix: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path, self.prefix = Path(path), prefix
+        self.reader = FileSystemReader(str(path))
+        metadata = self.reader.read_metadata()
+        self.reader.read_metadata = lambda *args, **kwargs: metadata  # not unpickled again for every load
+        self.tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+                        for key, meta in metadata.state_dict_metadata.items()
+                        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+
+        wanted = {self.prefix + key: torch.empty_like(self.tensors[key], device="cpu") for key in keys}
+        if wanted:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(wanted, storage_reader=self.reader, no_dist=True)
+        return {key[len(self.prefix):]: value for key, value in wanted.items()}
 
 
 def _flatten(tree, prefix: str = "") -> dict:

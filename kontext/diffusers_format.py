@@ -9,7 +9,8 @@ diffusers hard-codes mlp_ratio 4, biased qkv and RoPE theta 10000, so only such 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -80,59 +81,105 @@ def diffusers_config(params: FluxParams) -> dict:
     }
 
 
-def _swap_shift_scale(x: Tensor) -> Tensor:
-    shift, scale = x.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
+@dataclass(frozen=True)
+class Part:
+    """One tensor of the diffusers layout: rows of one reference tensor (`source`), in order."""
+
+    name: str
+    source: str
+    rows: tuple[tuple[int, int], ...] | None = None  # (start, stop) ranges, concatenated; None: all
+
+    def shape(self, source_shape: Sequence[int]) -> tuple[int, ...]:
+        if self.rows is None:
+            return tuple(source_shape)
+        return (sum(stop - start for start, stop in self.rows), *source_shape[1:])
+
+    def take(self, tensor: Tensor) -> Tensor:
+        if self.rows is None:
+            return tensor
+        pieces = [tensor[start:stop] for start, stop in self.rows]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
-def bfl_to_diffusers(sd: Mapping[str, Tensor], params: FluxParams) -> dict[str, Tensor]:
-    """Convert a reference-layout state dict to diffusers names; every tensor must be used."""
+def _row_ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [(end - size, end) for size, end in zip(sizes, ends, strict=True)]
+
+
+def _chunks(n: int, parts: int) -> list[int]:
+    """Row counts of `Tensor.chunk(parts)` over n rows."""
+    size = -(-n // parts)
+    return [min(size, n - i * size) for i in range(parts) if n - i * size > 0]
+
+
+def diffusers_plan(shapes: Mapping[str, Sequence[int]], params: FluxParams) -> list[Part]:
+    """The diffusers tensors of a reference-layout state dict, given only its tensor shapes (keys
+    may carry a `CHECKPOINT_PREFIXES` prefix, which `Part.source` drops); every tensor must be used.
+    `bfl_to_diffusers` applies it to tensors, `kontext.sharded_export` to a checkpoint, tensor by tensor."""
     check_exportable(params)
-    src = strip_prefix(sd, CHECKPOINT_PREFIXES)
-    out: dict[str, Tensor] = {}
+    src = strip_prefix(shapes, CHECKPOINT_PREFIXES)
+    plan: list[Part] = []
     used: set[str] = set()
 
-    def take(key: str) -> Tensor:
+    def take(key: str) -> Sequence[int]:
         used.add(key)
         return src[key]
 
     def linear(bfl: str, hf: str) -> None:
         for kind in ("weight", "bias"):
             if f"{bfl}.{kind}" in src:
-                out[f"{hf}.{kind}"] = take(f"{bfl}.{kind}")
+                take(f"{bfl}.{kind}")
+                plan.append(Part(f"{hf}.{kind}", f"{bfl}.{kind}"))
+
+    def split(bfl: str, hf_names: Sequence[str], sizes: Sequence[int] | None) -> None:
+        rows = take(bfl)[0]
+        sizes = _chunks(rows, len(hf_names)) if sizes is None else sizes
+        if sum(sizes) != rows or len(sizes) != len(hf_names):
+            raise ValueError(f"{bfl} has {rows} rows, not the {' + '.join(map(str, sizes))} of {', '.join(hf_names)}")
+        for name, rng in zip(hf_names, _row_ranges(sizes), strict=True):
+            plan.append(Part(name, bfl, (rng,)))
 
     h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
     for bfl, hf in _TOP.items():
         linear(bfl, hf)
-    for kind in ("weight", "bias"):
-        out[f"norm_out.linear.{kind}"] = _swap_shift_scale(take(f"final_layer.adaLN_modulation.1.{kind}"))
+    for kind in ("weight", "bias"):  # rows (shift, scale) -> (scale, shift), as Tensor.chunk(2) halves them
+        bfl = f"{FINAL_ADALN[0]}.{kind}"
+        shift, scale = _row_ranges(_chunks(take(bfl)[0], 2))
+        plan.append(Part(f"{FINAL_ADALN[1]}.{kind}", bfl, (scale, shift)))
 
     for i in range(params.depth):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for bfl, hf in _DOUBLE.items():
             linear(b + bfl, d + hf)
         for bfl, hf in _DOUBLE_NORMS.items():
-            out[d + hf] = take(b + bfl)
-        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            take(b + bfl)
+            plan.append(Part(d + hf, b + bfl))
+        for bfl, names in _DOUBLE_SPLIT.items():
             for kind in ("weight", "bias"):
-                for name, part in zip(names, take(f"{b}{stream}_attn.qkv.{kind}").chunk(3, dim=0), strict=True):
-                    out[f"{d}attn.{name}.{kind}"] = part
+                split(f"{b}{bfl}.{kind}", [f"{d}{name}.{kind}" for name in names], None)
 
     for i in range(params.depth_single_blocks):
         b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for bfl, hf in _SINGLE.items():
             linear(b + bfl, d + hf)
         for bfl, hf in _SINGLE_NORMS.items():
-            out[d + hf] = take(b + bfl)
-        for kind in ("weight", "bias"):
-            parts = take(f"{b}linear1.{kind}").split([h, h, h, mlp], dim=0)
-            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
-                out[f"{d}{name}.{kind}"] = part
+            take(b + bfl)
+            plan.append(Part(d + hf, b + bfl))
+        for bfl, names in _SINGLE_SPLIT.items():
+            for kind in ("weight", "bias"):
+                split(f"{b}{bfl}.{kind}", [f"{d}{name}.{kind}" for name in names], [h, h, h, mlp])
 
     left = sorted(set(src) - used)
     if left:
         raise KeyError(f"{len(left)} tensors have no diffusers name (e.g. {', '.join(left[:5])})")
-    return {k: v.contiguous() for k, v in out.items()}
+    return plan
+
+
+def bfl_to_diffusers(sd: Mapping[str, Tensor], params: FluxParams) -> dict[str, Tensor]:
+    """Convert a reference-layout state dict to diffusers names; every tensor must be used."""
+    src = strip_prefix(sd, CHECKPOINT_PREFIXES)
+    plan = diffusers_plan({k: tuple(v.shape) for k, v in src.items()}, params)
+    return {part.name: part.take(src[part.source]).contiguous() for part in plan}
 
 
 def diffusers_linears(name: str) -> tuple[str, ...]:

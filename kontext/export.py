@@ -20,7 +20,9 @@ transformer first, each scaled by `lora_scale` (one number, or one per file): th
 the merged model, which loads anywhere without adapter support.
 
 Everything is written into a temporary folder beside `out` and renamed into place at the
-end, so a failed export never leaves a half-written folder.
+end, so a failed export never leaves a half-written folder. A sharded (FSDP) checkpoint, or a
+run whose newest checkpoint is one, is never gathered: both transformer files are written from
+it tensor by tensor (:mod:`kontext.stream_export`; not with `lora=`, which merges in memory).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from kontext.artifact import EXPORT_FORMAT
+from kontext.artifact import EXPORT_FORMAT, Artifact, sharded_artifact
 from kontext.errors import KontextError
 from kontext.pipeline import KontextPipeline
 
@@ -69,14 +71,21 @@ def export_config(pipe: KontextPipeline) -> dict:
     }
 
 
-def write_diffusers_transformer(model, folder: Path) -> Path:
-    """A diffusers `FluxTransformer2DModel` folder for `model` (a `Flux`)."""
+def write_diffusers_transformer(model, folder: Path, sharded: Artifact | None = None) -> Path:
+    """A diffusers `FluxTransformer2DModel` folder for `model` (a `Flux`), or, given `sharded`
+    (`kontext.artifact.sharded_artifact`), for its EMA weights, streamed tensor by tensor."""
     from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
+    from kontext.stream_export import stream_transformer
     from kontext.weights import save_safetensors
 
+    weights = folder / "diffusion_pytorch_model.safetensors"
     try:
         config = diffusers_config(model.params)
-        sd = bfl_to_diffusers(model.state_dict(), model.params)
+        if sharded is None:
+            sd = bfl_to_diffusers(model.state_dict(), model.params)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            stream_transformer(sharded, weights, diffusers=True, metadata={"format": "pt"})
     except (ValueError, KeyError) as err:
         raise KontextError(f"cannot export to diffusers: {err}") from err
     try:
@@ -85,8 +94,9 @@ def write_diffusers_transformer(model, folder: Path) -> Path:
         config["_diffusers_version"] = diffusers.__version__
     except ImportError:
         config["_diffusers_version"] = "0.32.0"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(sd, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    if sharded is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(sd, weights, {"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -96,25 +106,34 @@ def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLi
     """Write the export folder `out_dir` (see the module docstring) and return its path. With
     `lora`, a pipeline given as `source` gets the adapters merged into its own model."""
     from kontext.autoencoder import save_autoencoder
+    from kontext.loading import read_parts
     from kontext.lora_files import apply_adapters, read_adapters
-    from kontext.model import save_flux
+    from kontext.model import flux_metadata, save_flux
+    from kontext.stream_export import stream_transformer
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not overwrite:
         raise KontextError(f"{out_dir} already exists (pass overwrite=true to replace it)")
     loras = read_adapters(lora, lora_scale)
-    pipe = source if isinstance(source, KontextPipeline) else KontextPipeline.load(source)
+    sharded = None if isinstance(source, KontextPipeline) or loras else sharded_artifact(source)
+    # A sharded source: the pipeline's transformer is on the meta device, its files are streamed.
+    pipe = source if isinstance(source, KontextPipeline) else \
+        KontextPipeline.from_parts(read_parts(source, weights=sharded is None))
     if loras:
         apply_adapters(pipe.model, loras)
         pipe.source = f"{pipe.source} + LoRA {', '.join(f'{p} x{s:g}' for p, _, s in loras)}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        save_flux(pipe.model, tmp / "transformer.safetensors", metadata={"kontext.export_version": str(EXPORT_VERSION)})
+        version = {"kontext.export_version": str(EXPORT_VERSION)}
+        if sharded is None:
+            save_flux(pipe.model, tmp / "transformer.safetensors", metadata=version)
+        else:
+            stream_transformer(sharded, tmp / "transformer.safetensors", metadata=flux_metadata(sharded.params, version))
         save_autoencoder(pipe.autoencoder, tmp / "ae.safetensors")
         (tmp / "config.json").write_text(json.dumps(export_config(pipe), indent=2) + "\n")
         if diffusers:
-            write_diffusers_transformer(pipe.model, tmp / "transformer")
+            write_diffusers_transformer(pipe.model, tmp / "transformer", sharded)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder

@@ -44,21 +44,22 @@ class PipelineParts:
 
 def read_parts(source: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
                config: str | os.PathLike | None = None, text=None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PipelineParts:
+               dtype: torch.dtype | None = None, weights: bool = True) -> PipelineParts:
     """A run directory, a training checkpoint or an export folder, told apart by what is there
     (`checkpoint`, `config`: see `read_artifact`); `text` replaces the recorded text encoder
-    (e.g. T5/CLIP moved elsewhere)."""
+    (e.g. T5/CLIP moved elsewhere). weights=False: the transformer on the meta device, a
+    checkpoint's weights unread (for an export that streams them; not for a LoRA run)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise KontextError(f"model source not found: {path} (give a run directory, a .ckpt file or an export folder)")
     if path.suffix == ".safetensors" and path.is_file():
         raise KontextError(f"{path} is a transformer file alone (no autoencoder, text encoder or sampler); "
                            "sample it with official.transformer=... official.ae=... official.t5=... official.clip=...")
-    artifact = read_artifact(path, checkpoint=checkpoint, config=config, device=device)
+    artifact = read_artifact(path, checkpoint=checkpoint, config=config, device=device, weights=weights)
     if artifact.export_config is not None:
         return _export_parts(artifact, text, device, dtype)
     cfg, where = artifact.run_config, artifact.config_path
-    model = artifact.transformer(device=device, dtype=dtype)
+    model = artifact.transformer(device=device if weights else "meta", dtype=dtype)
     autoencoder = build_autoencoder(run_autoencoder_section(cfg), where).to(device)
     text = text if text is not None else build_from_run_config(cfg.get("text"), "text", where)
     return PipelineParts(model, autoencoder, text.to(device), sampler_defaults_from_run(cfg),

@@ -266,8 +266,11 @@ def load_flux(
     return flux_from_weights(params, weights, f"Flux weights in {path}", device=device, dtype=dtype)
 
 
+def flux_metadata(params: FluxParams, metadata: dict | None = None) -> dict:
+    """The metadata of a reference-format transformer file: the FluxParams, then `metadata`."""
+    return {"format": "pt", PARAMS_METADATA_KEY: json.dumps(dataclasses.asdict(params)), **(metadata or {})}
+
+
 def save_flux(model: Flux, path: str | os.PathLike, metadata: dict | None = None) -> os.PathLike:
     """Write the reference-format state dict, with the FluxParams in the metadata."""
-    meta = {"format": "pt", PARAMS_METADATA_KEY: json.dumps(dataclasses.asdict(model.params))}
-    meta.update(metadata or {})
-    return save_safetensors(model.state_dict(), path, meta)
+    return save_safetensors(model.state_dict(), path, flux_metadata(model.params, metadata))

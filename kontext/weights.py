@@ -3,13 +3,15 @@
 Only safetensors is read or written (no pickle). Loading is strict: a missing, unexpected
 or mis-shaped tensor is a :class:`WeightsError` that names the tensor, raised before any
 parameter of the module is touched, so a failed load never leaves a half-loaded model.
+`save_safetensors_streamed` writes a file whose tensors arrive one at a time (the header is
+computed from their shapes first), in the layout safetensors' own writer gives the same tensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -101,4 +103,70 @@ def save_safetensors(
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+    return path
+
+
+# safetensors' dtype names, in its order: a file lays its tensors out by dtype (this order,
+# reversed: the widest alignment first), then by name.
+_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+           torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+           torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_RANK = {dtype: i for i, dtype in enumerate(_DTYPES)}
+
+
+def save_safetensors_streamed(
+    layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    path: str | os.PathLike,
+    metadata: Mapping[str, object] | None = None,
+) -> Path:
+    """Write the safetensors file of `layout` (name -> (shape, dtype)) with the (name, tensor)
+    pairs of `tensors`, in any order, each written at its offset as it comes: only the tensor at
+    hand is held. Every tensor of `layout` must come once, with its shape and dtype. The header
+    and data are those `save_safetensors` writes for the same tensors (safetensors orders the
+    metadata entries its own way); the write is atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unknown = sorted({str(dtype) for _, dtype in layout.values()} - {str(d) for d in _DTYPES})
+    if unknown:
+        raise WeightsError(f"safetensors has no dtype {', '.join(unknown)}")
+    header: dict = {} if metadata is None else {
+        "__metadata__": {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    offsets, end = {}, 0
+    for name in sorted(layout, key=lambda k: (-_RANK[layout[k][1]], k)):
+        shape, dtype = layout[name]
+        size = dtype.itemsize
+        for n in shape:
+            size *= int(n)
+        offsets[name] = (end, end + size)
+        header[name] = {"dtype": _DTYPES[dtype], "shape": [int(n) for n in shape], "data_offsets": [end, end + size]}
+        end += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    tmp = path.with_name(path.name + ".tmp")
+    written: set[str] = set()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            f.truncate(start + end)
+            for name, tensor in tensors:
+                if name not in layout or name in written:
+                    raise WeightsError(f"{name} is {'written twice' if name in written else 'not in the layout'}")
+                shape, dtype = layout[name]
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise WeightsError(f"{name} is {tuple(tensor.shape)} {tensor.dtype}, the layout says "
+                                       f"{tuple(shape)} {dtype}")
+                f.seek(start + offsets[name][0])
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                written.add(name)
+                del tensor  # before the next one is made: it may be a view of a whole checkpoint tensor
+            missing = sorted(set(layout) - written)
+            if missing:
+                raise WeightsError(f"{len(missing)} tensors of the layout never came (e.g. {', '.join(missing[:5])})")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

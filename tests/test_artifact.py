@@ -1,7 +1,7 @@
 """`kontext.artifact.read_artifact`, the one reader of trained weights: every kind of source gives
 the same transformer, a run is read from the checkpoint `resume=auto` would take, and a real
 2-process FSDP run's sharded checkpoint reads, samples, teaches and exports exactly like the
-single file it consolidates to (slow)."""
+single file it consolidates to, and exports, streamed from its shards, to the same files (slow)."""
 
 from __future__ import annotations
 
@@ -127,3 +127,10 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
     assert_same_weights(load_teacher(fsdp_run).state_dict(), b.ema)
     exported = load_flux(export_transformer(fsdp_run, tmp_path / "fsdp.safetensors", ema=False)).state_dict()
     assert_same_weights(exported, b.raw)
+
+    # Exported from the shards tensor by tensor (kontext.stream_export): the files of the consolidation.
+    from test_stream_export import assert_same_file
+
+    streamed, gathered = (export(run, tmp_path / f"export_{run.name}", diffusers=True) for run in (fsdp_run, single_run))
+    for name in ("transformer.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        assert_same_file(streamed / name, gathered / name)
