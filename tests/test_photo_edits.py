@@ -134,7 +134,10 @@ def test_the_photo_example_end_to_end(tmp_path):
     assert losses and all(np.isfinite(losses))
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(".lora_" in k for k in weights if k != "ema.num_updates")  # adapters only, no base
-    assert (run_dir / "lora" / "adapter.safetensors").is_file()
+    from kontext.lora_files import read_adapter
+
+    adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")  # the averaged adapters left B = 0
+    assert adapter.rank == 16 and max(w.up.abs().max() for w in adapter.layers.values()) > 0
     grid = Image.open(run_dir / "validation" / "step0000004.png")
     assert grid.height == 2 * (192 + 4)  # one row per held-out photo
     outputs = [Image.open(run_dir / "validation" / "step0000004" / f"{i}.png") for i in range(2)]

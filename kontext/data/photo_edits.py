@@ -13,7 +13,8 @@ instruction and the target that a procedural edit computes from the crop pixel f
 
 The set is written as a `metadata.csv` (columns reference, instruction, target, task; image paths
 relative to its folder), the layout that `data/import_pairs.py csv=...` reads. Two photos are
-held out of it (`heldout/`), for watching the training edit photos it has never seen.
+held out of it (`heldout/`, at half the size: what `experiment=photo_lora` trains at), for
+watching the training edit photos it has never seen.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def crop(img: Image.Image, size: tuple[int, int], rng: random.Random) -> Image.I
 
 def write_photo_edits(out: str | os.PathLike, n: int = 60, seed: int = 0) -> Path:
     """n pairs (photo, crop and edit drawn from `seed` and the pair's index) as PNGs under
-    out/images and out/metadata.csv; the held-out photos' crops as out/heldout/<name>.png.
+    out/images and out/metadata.csv; the held-out photos' crops, half as large, as out/heldout/<name>.png.
     The edits go round in turn, so every one has n / 6 pairs. Returns the CSV's path."""
     folder = photo_dir()
     out = Path(out)
@@ -137,7 +138,8 @@ def write_photo_edits(out: str | os.PathLike, n: int = 60, seed: int = 0) -> Pat
         rows.append((f"images/{stem}_ref.png", instruction, f"images/{stem}_{task}.png", task))
     for k, name in enumerate(HELDOUT):
         rng = random.Random(f"photo-edits-heldout-{seed}-{k}")
-        crop(photos[name], SIZES[k % len(SIZES)], rng).save(out / "heldout" / f"{Path(name).stem}.png")
+        w, h = SIZES[k % len(SIZES)]
+        crop(photos[name], (w // 2, h // 2), rng).save(out / "heldout" / f"{Path(name).stem}.png")
     path = out / "metadata.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
