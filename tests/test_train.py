@@ -57,6 +57,10 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, random_
         overrides += ["text.txt_dim=null", "text.vec_dim=null"]  # the tiny folders are not 4096/768-d
     if group == "trainer" and not torch.cuda.is_available():
         overrides.append("trainer.accelerator=cpu")  # everything else of a GPU preset instantiates here
+    if group == "experiment" and option == "photo_lora":  # a LoRA starts from a base file
+        from kontext.data.photo_edits import write_random_base
+
+        write_random_base(tmp_path / "data" / "photo_base.safetensors")
     cfg = compose_train(overrides)
     node = cfg[group] if group != "experiment" else cfg
     if group == "experiment":

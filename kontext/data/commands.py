@@ -23,6 +23,11 @@ fields: the names of the record's fields or columns, over reference, instruction
 wrote (needs pyarrow: pip install 'kontext[import]').
 Text (manifest, captions, CSV) is read as `encoding` (e.g. latin-1); larger images than max_pixels are skipped."""
 
+PHOTO_USAGE = """usage: python data/photo_edits.py out=DIR [n=60] [seed=0] [base=null]
+Writes n real-photo edits with exact answers (kontext/data/photo_edits.py), made from the colour photographs
+inside scikit-image, as DIR/metadata.csv with DIR/images, and two held-out photos as DIR/heldout/*.png.
+base=FILE.safetensors: also a random `tiny` transformer to start a LoRA from (stage.init_from)."""
+
 INSPECT_USAGE = """usage: python data/inspect_shards.py shards=SPEC [grid=FILE.png] [grid_samples=16] [cell=128] [json=FILE.json]
 SPEC: a directory, a brace pattern (dir/shapes-{000000..000009}.tar), a glob or a URL."""
 
@@ -50,6 +55,24 @@ def shapes_edit_main(argv: list[str]) -> list[str]:
                                shard_size=a["shard_size"], start=a["start"], paraphrase=a["paraphrase"])
     print(f"wrote {a['n']} samples in {len(shards)} shards to {a['out']} ({time.perf_counter() - t0:.1f} s)")
     return shards
+
+
+def photo_edits_main(argv: list[str]) -> Path:
+    from kontext.data.photo_edits import photo_dir, write_photo_edits, write_random_base
+
+    a = parse_args(argv, {"out": "???", "n": 60, "seed": 0, "base": None}, PHOTO_USAGE)
+    check_int("n", a["n"], 1)
+    check_int("seed", a["seed"])
+    check_writable(a["out"], "out", folder=True)
+    if a["base"] is not None:
+        check_writable(a["base"], "base")
+    photo_dir()
+    t0 = time.perf_counter()
+    path = write_photo_edits(a["out"], a["n"], seed=a["seed"])
+    print(f"wrote {a['n']} photo edits to {path} ({time.perf_counter() - t0:.1f} s)")
+    if a["base"] is not None:
+        print(f"random tiny transformer: {write_random_base(a['base'], seed=a['seed'])}")
+    return path
 
 
 def import_main(argv: list[str]):
