@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,11 +121,7 @@ class BenchmarkReport:
             for x, img in ((0, ref), (cell + text_w, output), (2 * cell + text_w, target)):
                 if img is not None:
                     grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-            words, lines = instruction.split(), [""]
-            for word in words:  # wrap at about 6 px per character of the default font
-                if len(lines[-1]) + len(word) + 1 > text_w // 6 - 2:
-                    lines.append("")
-                lines[-1] = f"{lines[-1]} {word}".strip()
+            lines = textwrap.wrap(instruction, text_w // 6 - 2)  # about 6 px per character of the default font
             draw.multiline_text((cell + 6, y + 6), "\n".join(lines), fill=(0, 0, 0))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
