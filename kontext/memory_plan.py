@@ -15,7 +15,8 @@ Where each number comes from (N ranks, P parameters, T of them trained):
   activation checkpointing applied to the real blocks and attention as a fused kernel (flash /
   SDPA's efficient kernels keep q, k, v, the output and one fp32 log-sum-exp per query). With
   checkpointing, backward recomputes one block at a time: its full activations are added once;
-- a distillation teacher as the code holds it today: a whole fp32 copy on every GPU;
+- a distillation teacher: under FSDP (N > 1) sharded like the student in `param_dtype`, pb P/N
+  (its gathers take turns with the student's); on one GPU a whole fp32 copy;
 - frozen encoders on the GPU (T5-XXL encoder and CLIP-L in bf16, the autoencoder in fp32)
   unless the features are cached (`data=shapes_edit_cached`-style training reads no encoder);
 - per host, while building: the code builds the whole fp32 model on every rank, reads an
@@ -68,7 +69,7 @@ class PlanConfig:
     txt_tokens: int = 512              # T5 sequence length
     lora_rank: int = 0                 # 0: full fine-tuning; r: LoRA of rank r on every block linear
     ema: bool = True
-    teacher: bool = False              # a distillation stage's teacher (whole fp32 copy per GPU)
+    teacher: bool = False              # a distillation stage's teacher (sharded in param_dtype under FSDP)
     encoders_on_gpu: bool = True       # False when training reads cached features
     init_from: bool = True             # the host builds with an init_from file (bf16)
     gpu_gib: float | None = None       # a GPU's memory, to say whether the plan fits
@@ -163,7 +164,10 @@ def plan(cfg: PlanConfig) -> Plan:
     if cfg.ac != "none":  # backward recomputes one block at a time, whole
         largest = max(parallel.blocks(model), key=lambda b: sum(p.numel() for p in b.parameters()))
         gpu["one block recomputed"] = _block_activations(largest, params, cfg, n_out, compute)
-    gpu["teacher (whole, fp32)"] = 4 * out.params if cfg.teacher else 0
+    if cfg.teacher and n > 1:
+        gpu[f"teacher (sharded, {cfg.param_dtype})"] = pb * out.params / n
+    else:
+        gpu["teacher (whole, fp32)"] = 4 * out.params if cfg.teacher else 0
     gpu["frozen encoders"] = encoder_bytes(params.context_in_dim == 4096) if cfg.encoders_on_gpu else 0
 
     file_bytes = 2 * out.params if cfg.init_from else 0

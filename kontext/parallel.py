@@ -46,6 +46,7 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False               # torch.compile each double and single block
     shard_frozen: bool = False          # shard the frozen encoders too (else every rank holds a copy)
+    shard_teacher: bool = True          # shard a distillation teacher like the student (else a whole copy per rank)
 
     def __post_init__(self):
         if self.activation_checkpointing not in AC_MODES:

@@ -44,6 +44,7 @@ from kontext.lora import (
 )
 from kontext.model import Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
+from kontext.stages.teacher import shard_teacher
 
 DECAYS = ("cosine", "linear", "none")
 # The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
@@ -140,12 +141,13 @@ class FlowStage(L.LightningModule):
     # -- parallelism and resume -------------------------------------------------------------
     def configure_model(self) -> None:
         """The `parallel` recipe: activation checkpointing and per-block compile; under FSDP (the
-        strategy gives a device mesh) the model, its EMA and, if asked, the frozen encoders are
-        sharded over the data-parallel ranks."""
+        strategy gives a device mesh) the model, its EMA, a distillation teacher and, if asked, the
+        frozen encoders are sharded over the data-parallel ranks."""
         if self._parallelized:
             return
         self._parallelized = True
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        mesh = mesh if mesh is not None and mesh.size() > 1 else None
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         if self.lora_cfg is None:
             parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
@@ -154,10 +156,13 @@ class FlowStage(L.LightningModule):
             freeze_base(self.model, self.base_dtype)
             parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
             self.ema.shard_like(self.model)
-        if mesh is not None and mesh.size() > 1 and self.parallel_cfg.shard_frozen:
-            for enc in self._frozen.values():
+        if mesh is not None and self.parallel_cfg.shard_frozen:
+            for enc in (self.autoencoder, self.text):
                 if isinstance(enc, torch.nn.Module):
                     parallel.shard_frozen(enc, mesh)
+        teacher = self._frozen.get("teacher")  # the distillation stages' (kontext.stages.teacher)
+        if teacher is not None and mesh is not None and self.parallel_cfg.shard_teacher:
+            shard_teacher(teacher, mesh, self.compute_dtype(mesh) or torch.float32)
 
     def compute_dtype(self, mesh=None) -> torch.dtype | None:
         """The dtype the run computes in when it is not fp32 (FSDP's `param_dtype`, else a 16-bit

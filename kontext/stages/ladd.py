@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import fully_shard
 
-from kontext import distill, flow, packing
+from kontext import distill, flow, packing, parallel
 from kontext.config_check import options
 from kontext.discriminator import Discriminator, resolve_blocks
 from kontext.errors import KontextError
@@ -138,6 +139,14 @@ class LADDStage(FlowStage):
             self._frozen["teacher"] = self.teacher.load(self.device, self.text)
             source = None if self.student_source is None else load_teacher(self.student_source, device=self.device)
             self.teacher.start_student(self.model, self.ema.model, source)
+
+    def configure_model(self) -> None:
+        """The flow stage's recipe for the student (and the teacher); under FSDP the discriminator
+        heads are one more unit, so that their gradients are averaged over the ranks too."""
+        super().configure_model()
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        if mesh is not None and mesh.size() > 1 and not parallel.is_sharded(self.discriminator):
+            fully_shard(self.discriminator, mesh=mesh)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

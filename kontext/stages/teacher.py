@@ -18,6 +18,7 @@ SANA-Sprint).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kontext import packing, sampling
+from kontext import packing, parallel, sampling
 from kontext.discriminator import block_features
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
+
+log = logging.getLogger(__name__)
 
 
 def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
@@ -47,6 +50,22 @@ def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
                            "folder or a reference-format .safetensors)")
     model = read_artifact(path, params=params, device=device).transformer(device=device)
     return model.eval().requires_grad_(False)
+
+
+def shard_teacher(model: Flux, mesh, dtype: torch.dtype) -> None:
+    """A frozen teacher under FSDP: cast to the run's compute dtype (`parallel.param_dtype`, bf16
+    in the paper's recipe) and sharded over `mesh` as the student is, one unit per block, so each
+    rank keeps 1/N of it and gathers one block at a time. It has no gradients and no optimizer
+    state (no weight requires grad); its forwards cast their inputs to `dtype`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model.to(dtype=dtype)
+    parallel.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype) if dtype != torch.float32 else None,
+                   trained=False)
+    held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    log.info("distillation teacher sharded over %d ranks in %s: %.2f MiB on rank %d of %.2f MiB",
+             mesh.size(), str(dtype).removeprefix("torch."), held / 2**20, mesh.get_rank(), whole / 2**20)
 
 
 class Teacher:
@@ -83,7 +102,9 @@ class Teacher:
         return self.model.params
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Teacher:
-        self.model.to(device=device, dtype=dtype)
+        """Move or cast an unsharded teacher; a sharded one was placed by `shard_teacher`."""
+        if not parallel.is_sharded(self.model):
+            self.model.to(device=device, dtype=dtype)
         return self
 
     def start_student(self, student: Flux, ema: Flux, source: Flux | None = None) -> None:
