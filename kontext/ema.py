@@ -43,6 +43,20 @@ class EMA(nn.Module):
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Set the average to `model`'s weights (shard by shard when both are sharded alike)."""
+        live = dict(model.named_parameters())
+        for name, ema in self.model.named_parameters():
+            src = live[name].detach()
+            if isinstance(ema, DTensor):
+                ema.to_local().copy_(src.to_local())
+            else:
+                ema.copy_(src)
+        live_buffers = dict(model.named_buffers())
+        for name, ema_buf in self.model.named_buffers():
+            ema_buf.copy_(live_buffers[name])
+
     def current_decay(self) -> float:
         n = int(self.num_updates)
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay

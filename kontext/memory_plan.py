@@ -19,9 +19,13 @@ Where each number comes from (N ranks, P parameters, T of them trained):
   (its gathers take turns with the student's); on one GPU a whole fp32 copy;
 - frozen encoders on the GPU (T5-XXL encoder and CLIP-L in bf16, the autoencoder in fp32)
   unless the features are cached (`data=shapes_edit_cached`-style training reads no encoder);
-- per host, while building: the code builds the whole fp32 model on every rank, reads an
-  `init_from` file whole, and deep-copies the EMA before anything is sharded: a peak of
-  max(4P + file, 8P) bytes per rank, times the ranks on the host.
+- per host, while building: fine-tuning from an `init_from` file under FSDP (N > 1, no LoRA)
+  builds the model and its EMA on `meta`, shards them on the device and reads each rank's rows
+  of every tensor: nothing of the model stays on the host (counted: the largest tensor in
+  fp32, a bound on one read). Otherwise (one process, training from scratch, a LoRA base, a
+  distillation student, which starts from its teacher) the code builds the whole fp32 model on every rank, reads an `init_from` file whole
+  and deep-copies the EMA before anything is sharded: a peak of max(4P + file, 8P) bytes per
+  rank. A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
 Not counted: the CUDA context and the allocator's reserve (plan 1-3 GB per GPU for them), the
 data loader, and compile's workspaces. `tests/test_memory_plan.py` checks the counts against
 tensors measured on models this machine can run.
@@ -83,6 +87,7 @@ class Plan:
     params: int = 0
     trained: int = 0
     largest_unit: int = 0
+    largest_tensor: int = 0
     tokens: int = 0
 
 
@@ -141,6 +146,7 @@ def plan(cfg: PlanConfig) -> Plan:
     out.trained = lora_parameters(model, cfg.lora_rank) if cfg.lora_rank else out.params
     units = [sum(p.numel() for p in b.parameters()) for b in parallel.blocks(model)]
     out.largest_unit = max(units)
+    out.largest_tensor = max(p.numel() for p in model.parameters())
     side = cfg.resolution // 16
     n_out = side * side
     out.tokens = n_out * (1 + cfg.contexts) + cfg.txt_tokens
@@ -170,8 +176,11 @@ def plan(cfg: PlanConfig) -> Plan:
         gpu["teacher (whole, fp32)"] = 4 * out.params if cfg.teacher else 0
     gpu["frozen encoders"] = encoder_bytes(params.context_in_dim == 4096) if cfg.encoders_on_gpu else 0
 
-    file_bytes = 2 * out.params if cfg.init_from else 0
-    out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
+    if cfg.init_from and n > 1 and not cfg.lora_rank and not cfg.teacher:  # meta build, slices read per rank
+        out.host_per_rank = 4 * out.largest_tensor
+    else:
+        file_bytes = 2 * out.params if cfg.init_from else 0
+        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
     out.host_per_rank += 4 * out.params if cfg.teacher else 0
     out.host = out.host_per_rank * min(cfg.gpus_per_host, n)
     return out
@@ -212,7 +221,7 @@ def report(cfg: PlanConfig, result: Plan) -> str:
         "",
         f"largest single all-gather: {result.largest_unit * DTYPE_BYTES[cfg.param_dtype] / GIB:.2f} GiB "
         f"({result.largest_unit / 1e6:.0f}M parameters in {cfg.param_dtype})",
-        f"host memory while building (today's code): {result.host_per_rank / GIB:.1f} GiB per rank, "
+        f"host memory while building: {result.host_per_rank / GIB:.1f} GiB per rank, "
         f"{result.host / GIB:.1f} GiB for the {min(cfg.gpus_per_host, cfg.gpus)} rank(s) of one host",
     ]
     if cfg.gpu_gib:

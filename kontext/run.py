@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from kontext import slurm
@@ -101,7 +102,6 @@ def _run(cfg: DictConfig) -> dict:
         timings[f"prepare/{name}"] = time.perf_counter() - start
 
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.stage)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     throughput = Throughput()
@@ -110,6 +110,10 @@ def _run(cfg: DictConfig) -> dict:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=slurm.cluster_plugins() or None)
+    if cfg.get("parallel") is not None and "meta_build" in cfg.parallel and cfg.parallel.meta_build is None:
+        # Build on meta (and load init_from by slices) exactly when the trainer shards the model.
+        cfg.parallel.meta_build = isinstance(trainer.strategy, ModelParallelStrategy) and trainer.world_size > 1
+    module = instantiate(cfg.stage)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 

@@ -170,3 +170,60 @@ def save_safetensors_streamed(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _file_key_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
+    """The first of `prefixes` that every key starts with ('' if none): what `strip_prefix` drops."""
+    return next((p for p in prefixes if keys and all(k.startswith(p) for k in keys)), "")
+
+
+def check_file(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str, ...] = (),
+               what: str = "weights") -> str:
+    """Check a safetensors file's tensor names and shapes against `module` from its header alone
+    (`check_state_dict`'s errors; no tensor is read). Returns the key prefix the file adds."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            prefix = _file_key_prefix(list(f.keys()), prefixes)
+            shapes = {k[len(prefix):]: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"cannot read {path} as safetensors: {err}") from err
+    check_state_dict(module, shapes, what)
+    return prefix
+
+
+def load_slices(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str, ...] = (),
+                what: str = "weights") -> nn.Module:
+    """Fill `module`'s parameters and buffers from a safetensors file, each with only the part this
+    process holds: the rows of its shard for an FSDP2 (DTensor) parameter, the whole tensor
+    otherwise. Nothing else of the file is read (safetensors slices are read from the mapped file),
+    so no process holds a whole copy of a sharded model. Names and shapes are checked against the
+    header first (`check_state_dict`'s errors); values are cast to the module's dtypes."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    prefix = check_file(module, path, prefixes, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            with torch.no_grad():
+                for name, target in module.state_dict(keep_vars=True).items():
+                    piece = f.get_slice(prefix + name)
+                    if isinstance(target, DTensor):
+                        local = target.to_local()
+                        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
+                                                                              target.placements)
+                        if any(offset[1:]):
+                            raise WeightsError(f"{name}: only shards along the first dimension load by slices")
+                        if local.numel():
+                            rows = piece[offset[0]:offset[0] + shape[0]]
+                            local.copy_(rows.reshape(local.shape))
+                    else:
+                        target.copy_(piece[:])
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"cannot read {path} as safetensors: {err}") from err
+    return module

@@ -42,9 +42,10 @@ from kontext.lora import (
     swapped_in,
     unwrap,
 )
-from kontext.model import Flux, FluxParams, load_flux
+from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
 from kontext.stages.teacher import shard_teacher
+from kontext.weights import check_file, load_slices
 
 DECAYS = ("cosine", "linear", "none")
 # The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
@@ -97,8 +98,15 @@ class FlowStage(L.LightningModule):
         if self.lora_cfg is not None and not init_from:
             raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors> "
                                "(a fresh model starts as the identity, which gives adapters no gradient)")
-        self.model = Flux(model)
-        if init_from:
+        self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
+        # Fine-tuning under FSDP: the model and its EMA are built on `meta` and receive only their
+        # shards of `init_from` in configure_model (kontext.weights.load_slices).
+        self.meta_built = bool(init_from) and self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
+        with torch.device("meta") if self.meta_built else contextlib.nullcontext():
+            self.model = Flux(model)
+        if self.meta_built:
+            check_file(self.model, init_from, CHECKPOINT_PREFIXES, f"stage.init_from {init_from}")
+        elif init_from:
             self.model.load_state_dict(load_flux(init_from, model).state_dict())
         if self.lora_cfg is not None:
             add_adapters(self.model, self.lora_cfg)
@@ -115,7 +123,6 @@ class FlowStage(L.LightningModule):
         self.last_batch_size = 0
         self._last_ema_step = -1
         self.loss_history: list[tuple[int, float]] = []
-        self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
         self._parallelized = False
         self._averaged = False
         self.base_dtype: torch.dtype | None = None  # of a LoRA base: the run's compute dtype (configure_model)
@@ -151,6 +158,11 @@ class FlowStage(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         if self.lora_cfg is None:
             parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
+            if self.meta_built:  # each rank materialises its shards and reads only their rows
+                self.model.to_empty(device=device or "cpu")
+                load_slices(self.model, self.init_from, CHECKPOINT_PREFIXES, f"stage.init_from {self.init_from}")
+                self.ema.model.to_empty(device=device or "cpu")
+                self.ema.copy_from(self.model)
         else:
             self.base_dtype = self.compute_dtype(mesh)
             freeze_base(self.model, self.base_dtype)

@@ -1,0 +1,121 @@
+"""Fine-tuning under FSDP builds the model and its EMA on `meta` and reads only each rank's slices
+of `stage.init_from`: a 492M-parameter model through the real `train.py` on 1, 2 and 4 CPU
+processes, with each rank's peak host memory measured and the loaded weights checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from test_resume import data_root  # noqa: F401  (a fixture)
+from test_train import random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
+
+from kontext.model import Flux, get_params, load_flux, save_flux
+from kontext.run import CONFIG_DIR
+
+# hidden 1280, 4 double + 10 single blocks: 492M parameters, 1.97 GB in fp32 (large enough that a
+# process's own ~0.8 GB of libraries and frozen encoders does not hide the sharding)
+BIG = {"hidden_size": 1280, "num_heads": 10, "axes_dim": [16, 56, 56], "depth": 4, "depth_single_blocks": 10}
+
+
+class PeakMemory(Callback):
+    """Writes this rank's peak resident memory (after building, loading, the EMA and the steps)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        Path(self.out, f"peak_rank{trainer.global_rank}.json").write_text(json.dumps({"peak_mib": peak_kib / 1024}))
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory) -> Path:
+    torch.manual_seed(11)
+    params = dataclasses.replace(get_params("tiny"), **BIG)  # tiny_overrides trains model=tiny
+    model = Flux(params)
+    with torch.no_grad():  # every tensor distinct and non-zero, so a misplaced slice shows
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp("big") / "big.safetensors"
+    save_flux(model, path)
+    return path
+
+
+def _train(root: Path, random_ae: str, big_file: Path, run_dir: Path, processes: int) -> None:  # noqa: F811
+    model = [f"model.{k}={v}".replace(" ", "") for k, v in BIG.items()]
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={processes}"] if processes > 1 else []
+    args = [*tiny_overrides(root, random_ae), *model, *fsdp, f"paths.output_dir={run_dir}",
+            f"stage.init_from={big_file}", "trainer.max_steps=1", "data.batch_size=4", "stage.optimizer.lr=0",
+            "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false", "+callbacks.peak._target_=test_meta_build.PeakMemory", f"+callbacks.peak.out={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / "train.py"), *args], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big_file, tmp_path):  # noqa: F811
+    peaks = {}
+    for n in (1, 2, 4):
+        run_dir = tmp_path / f"n{n}"
+        _train(data_root, random_ae, big_file, run_dir, n)
+        ranks = [json.loads((run_dir / f"peak_rank{r}.json").read_text())["peak_mib"] for r in range(n)]
+        peaks[n] = max(ranks)
+        config = (run_dir / "config.yaml").read_text()
+        assert f"meta_build: {'true' if n > 1 else 'false'}" in config
+    print(f"\npeak host memory per rank (MiB): 1 process {peaks[1]:.0f}, 2 processes {peaks[2]:.0f} "
+          f"({peaks[2] / peaks[1]:.3f} of it), 4 processes {peaks[4]:.0f} ({peaks[4] / peaks[1]:.3f})")
+    assert peaks[2] <= (1 / 2 + 0.10) * peaks[1], peaks
+    assert peaks[4] <= (1 / 4 + 0.10) * peaks[1], peaks
+
+    # With lr 0 the weights stay as loaded: the 4-process run's sharded checkpoint is the file.
+    from kontext.checkpoint import consolidate
+
+    want = load_flux(big_file).state_dict()
+    for prefix in ("state_dict.model.", "state_dict.ema.model."):
+        got = consolidate(tmp_path / "n4" / "checkpoints" / "last.ckpt", prefix)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), prefix
+
+
+def _small_file(tmp_path: Path, **changes) -> Path:
+    torch.manual_seed(5)
+    model = Flux(dataclasses.replace(get_params("tiny"), **changes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_flux(model, tmp_path / "init.safetensors")
+    return tmp_path / "init.safetensors"
+
+
+def test_meta_build_in_one_process_loads_the_file(tmp_path):
+    """parallel.meta_build=true without FSDP: built on meta, then the whole file by slices."""
+    from kontext.parallel import ParallelConfig
+    from kontext.stages.flow import FlowStage
+
+    path = _small_file(tmp_path)
+    stage = FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
+    assert stage.meta_built and all(p.is_meta for p in stage.model.parameters())
+    stage.configure_model()
+    want = load_flux(path).state_dict()
+    for got in (stage.model.state_dict(), stage.ema.model.state_dict()):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
+    from kontext.errors import KontextError
+    from kontext.parallel import ParallelConfig
+    from kontext.stages.flow import FlowStage
+
+    path = _small_file(tmp_path, hidden_size=96, axes_dim=[8, 8, 8])
+    with pytest.raises(KontextError, match=r"83 with the wrong shape \(double_blocks.0.img_attn"):
+        FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
