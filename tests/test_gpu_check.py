@@ -1,0 +1,24 @@
+"""The GPU check script (benchmarks/gpu_check.py) runs its whole path on 2 CPU processes: the
+12B layout's recipe (FSDP2, parallel=paper) narrowed, a checkpoint, a resume, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kontext.run import CONFIG_DIR
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_and_resumes(tmp_path):
+    script = CONFIG_DIR.parent / "benchmarks" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--cpu", "--steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["resumed where it stopped"] is True, report
+    assert report["peak memory per rank (GiB, largest rank)"] > 0 and report["samples/s (median of logged steps, all ranks)"] > 0
+    assert "parallel=paper" in out.stdout and "trainer=fsdp" in out.stdout
