@@ -34,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def commands(a: argparse.Namespace) -> list[str]:
     """The overrides of `train.py` shared by both runs."""
     hidden, heads = (128, 2) if a.cpu else (3072, 24)
@@ -46,7 +50,7 @@ def commands(a: argparse.Namespace) -> list[str]:
     data = [f"paths.data_dir={a.out}/data", f"prepare.shapes_edit.size={side}", "prepare.shapes_edit.n=256",
             "prepare.shapes_edit.shard_size=128", f"data.bucket_area={side * side}", f"data.batch_size={a.batch}"]
     where = (["trainer.accelerator=cpu", "trainer.devices=2", "parallel.compile=false"] if a.cpu
-             else [f"attention={'flash' if importlib.util.find_spec('flash_attn') else 'auto'}"])
+             else [f"attention={'flash' if has_flash_attn() else 'auto'}"])
     return [*model, *data, "trainer=fsdp", "parallel=paper", *where, "text=embedded", "logger=csv",
             f"paths.output_dir={a.out}/run", "trainer.log_every_n_steps=1", "stage.optimizer.warmup_steps=2",
             f"callbacks.checkpoint.every_n_train_steps={a.steps}", "callbacks.metrics.grid_every_n_steps=0",
@@ -93,7 +97,7 @@ def main() -> None:
     base = commands(a)
     device = "2 CPU processes (gloo)" if a.cpu else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     print(f"device: {device}; torch {torch.__version__}; flash-attn "
-          f"{'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}")
+          f"{'installed' if has_flash_attn() else 'not installed'}")
     print("python train.py " + " ".join(base))
 
     first = train([*base, f"trainer.max_steps={a.steps}", "resume=null"], a.out / "first.log")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from kontext import packing
 from kontext.layers import timestep_embedding
@@ -70,6 +71,9 @@ def block_features(
     all_blocks = [*model.double_blocks, *model.single_blocks]
     n_double, last = len(model.double_blocks), max(blocks)
     feats: dict[int, Tensor] = {}
+    # A forward stopped half-way would leave an FSDP2 root's forward state set: a sharded
+    # teacher runs to the end instead (the blocks after the last feature are wasted work).
+    sharded = isinstance(model, FSDPModule)
 
     def hook_for(i: int):
         def hook(module, args, output):
@@ -77,7 +81,7 @@ def block_features(
             # the image rows are the last ones, the target's first among them.
             image = output[0] if i < n_double else output[:, -min(output.shape[1], n_image_rows):]
             feats[i] = rearrange(packing.target_slice(image, n_img), GRID, h=grid[0], w=grid[1])
-            if i == last:
+            if i == last and not sharded:
                 raise _StopForward
 
         return hook

@@ -53,9 +53,12 @@ class EMA(nn.Module):
                 ema.to_local().copy_(src.to_local())
             else:
                 ema.copy_(src)
-        live_buffers = dict(model.named_buffers())
+        self._copy_buffers(model)
+
+    def _copy_buffers(self, model: nn.Module) -> None:
+        live = dict(model.named_buffers())
         for name, ema_buf in self.model.named_buffers():
-            ema_buf.copy_(live_buffers[name])
+            ema_buf.copy_(live[name])
 
     def current_decay(self) -> float:
         n = int(self.num_updates)
@@ -71,9 +74,7 @@ class EMA(nn.Module):
         else:  # DTensor shards (FSDP2): one tensor at a time
             for ema, param in pairs:
                 ema.lerp_(param, 1.0 - decay)
-        live_buffers = dict(model.named_buffers())
-        for name, ema_buf in self.model.named_buffers():
-            ema_buf.copy_(live_buffers[name])
+        self._copy_buffers(model)
         self.num_updates += 1
 
     def train(self, mode: bool = True):

@@ -50,10 +50,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Drop the first of `prefixes` that every key starts with (e.g. `model.diffusion_model.`)."""
-    for prefix in prefixes:
-        if sd and all(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items()}
-    return dict(sd)
+    prefix = _file_key_prefix(list(sd), prefixes)
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str = "weights") -> None:
@@ -204,8 +202,7 @@ def load_slices(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str,
     so no process holds a whole copy of a sharded model. Names and shapes are checked against the
     header first (`check_state_dict`'s errors); values are cast to the module's dtypes."""
     from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor import DTensor, Shard
 
     prefix = check_file(module, path, prefixes, what)
     try:
@@ -214,14 +211,15 @@ def load_slices(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str,
                 for name, target in module.state_dict(keep_vars=True).items():
                     piece = f.get_slice(prefix + name)
                     if isinstance(target, DTensor):
-                        local = target.to_local()
-                        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
-                                                                              target.placements)
-                        if any(offset[1:]):
-                            raise WeightsError(f"{name}: only shards along the first dimension load by slices")
-                        if local.numel():
-                            rows = piece[offset[0]:offset[0] + shape[0]]
-                            local.copy_(rows.reshape(local.shape))
+                        if tuple(target.placements) != (Shard(0),):
+                            raise WeightsError(f"{name}: only shards along the first dimension load by slices, "
+                                               f"got {target.placements}")
+                        # FSDP2 splits dim 0 as torch.chunk does: ceil(n / ranks) rows each, the last ones
+                        # fewer or none.
+                        local, mesh = target.to_local(), target.device_mesh
+                        start = mesh.get_local_rank() * -(-target.shape[0] // mesh.size())
+                        if local.shape[0]:
+                            local.copy_(piece[start:start + local.shape[0]])
                     else:
                         target.copy_(piece[:])
     except (SafetensorError, OSError) as err:

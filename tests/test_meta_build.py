@@ -119,3 +119,50 @@ def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
     path = _small_file(tmp_path, hidden_size=96, axes_dim=[8, 8, 8])
     with pytest.raises(KontextError, match=r"83 with the wrong shape \(double_blocks.0.img_attn"):
         FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
+
+
+def _slices_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from kontext.ema import EMA
+    from kontext.parallel import cpu_mesh
+    from kontext.weights import load_slices
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with torch.device("meta"):  # first dims 7, 2 and 1 over 3 ranks: rows 3/3/1, 1/1/0, 1/0/0
+            model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2), nn.Linear(2, 1))
+        ema = EMA(model)
+        for m in (model, ema.model):
+            for layer in m:
+                fully_shard(layer, mesh=cpu_mesh())
+            fully_shard(m, mesh=cpu_mesh())
+            m.to_empty(device="cpu")
+        load_slices(model, path)
+        ema.copy_from(model)
+        gathered = [{k: v.full_tensor() for k, v in m.state_dict().items()} for m in (model, ema.model)]
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slices_fill_uneven_and_empty_shards(tmp_path):
+    """Three ranks and first dimensions that do not divide by three (one rank holds no row of some
+    tensors): every rank reads its rows, and the gathered model and EMA are the file."""
+    import torch.multiprocessing as mp
+    from test_parallel import _free_port
+    from torch import nn
+
+    from kontext.weights import save_safetensors
+
+    torch.manual_seed(2)
+    want = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2), nn.Linear(2, 1)).state_dict()
+    save_safetensors(want, tmp_path / "w.safetensors")
+    mp.start_processes(_slices_worker, args=(3, _free_port(), str(tmp_path / "w.safetensors"), str(tmp_path / "out.pt")),
+                       nprocs=3, start_method="fork")
+    for got in torch.load(tmp_path / "out.pt"):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -153,8 +153,7 @@ class FlowStage(L.LightningModule):
         if self._parallelized:
             return
         self._parallelized = True
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        mesh = mesh if mesh is not None and mesh.size() > 1 else None
+        mesh = self.sharding_mesh()
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         if self.lora_cfg is None:
             parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
@@ -175,6 +174,11 @@ class FlowStage(L.LightningModule):
         teacher = self._frozen.get("teacher")  # the distillation stages' (kontext.stages.teacher)
         if teacher is not None and mesh is not None and self.parallel_cfg.shard_teacher:
             shard_teacher(teacher, mesh, self.compute_dtype(mesh) or torch.float32)
+
+    def sharding_mesh(self):
+        """The data-parallel mesh when FSDP shards over several ranks, else None."""
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        return mesh if mesh is not None and mesh.size() > 1 else None
 
     def compute_dtype(self, mesh=None) -> torch.dtype | None:
         """The dtype the run computes in when it is not fp32 (FSDP's `param_dtype`, else a 16-bit

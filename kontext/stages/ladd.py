@@ -144,8 +144,8 @@ class LADDStage(FlowStage):
         """The flow stage's recipe for the student (and the teacher); under FSDP the discriminator
         heads are one more unit, so that their gradients are averaged over the ranks too."""
         super().configure_model()
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        if mesh is not None and mesh.size() > 1 and not parallel.is_sharded(self.discriminator):
+        mesh = self.sharding_mesh()
+        if mesh is not None and not parallel.is_sharded(self.discriminator):
             fully_shard(self.discriminator, mesh=mesh)
 
     def on_fit_start(self) -> None:
