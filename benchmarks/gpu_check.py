@@ -7,7 +7,9 @@ FSDP2 over every GPU of this machine with the paper's recipe, saved, resumed, an
 
 What runs: FLUX.1 Kontext [dev]'s block layout (hidden 3072, 24 heads, MLP ratio 4, RoPE axes
 16/56/56, guidance embedding; the text inputs take the embedded encoder's 384-d features instead
-of T5 / CLIP, which only changes the two input projections) with `trainer=fsdp parallel=paper`
+of T5 / CLIP, which only changes the two input projections), fine-tuned from a random
+reference-format file of that layout (`stage.init_from`: built on `meta`, each rank reading its
+slices, as with the official weights) with `trainer=fsdp parallel=paper`
 (bf16 all-gathers and compute, fp32 reduce-scatter, selective activation checkpointing,
 per-block compile), NCCL, `attention=flash` when flash-attn is installed, on Shapes-Edit at
 `--resolution` (a target and one reference per sample). The first run trains `--steps` steps and
@@ -38,14 +40,33 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def commands(a: argparse.Namespace) -> list[str]:
-    """The overrides of `train.py` shared by both runs."""
-    hidden, heads = (128, 2) if a.cpu else (3072, 24)
-    model = ["model=flux-dev-kontext", f"model.depth={a.depth}", f"model.depth_single_blocks={a.single}",
-             f"model.hidden_size={hidden}", f"model.num_heads={heads}", "model.context_in_dim=384",
-             "model.vec_in_dim=384"]
+def layout(a: argparse.Namespace) -> dict:
+    """The model overrides: FLUX.1 Kontext [dev]'s blocks at reduced depth (narrow with --cpu)."""
+    changes = {"depth": a.depth, "depth_single_blocks": a.single, "context_in_dim": 384, "vec_in_dim": 384}
     if a.cpu:
-        model.append("model.axes_dim=[16,24,24]")
+        changes.update(hidden_size=128, num_heads=2, axes_dim=[16, 24, 24])
+    return changes
+
+
+def write_base(a: argparse.Namespace) -> Path:
+    """A random reference-format file of the layout, to fine-tune from: the runs start from
+    `stage.init_from`, as fine-tuning the official weights does (meta build, per-rank slices)."""
+    import dataclasses
+
+    import torch
+
+    from kontext.model import Flux, get_params, save_flux
+
+    path = a.out / "base.safetensors"
+    torch.manual_seed(0)
+    save_flux(Flux(dataclasses.replace(get_params("flux-dev-kontext"), **layout(a))), path)
+    return path
+
+
+def commands(a: argparse.Namespace, base: Path) -> list[str]:
+    """The overrides of `train.py` shared by both runs."""
+    model = ["model=flux-dev-kontext", *(f"model.{k}={v}".replace(" ", "") for k, v in layout(a).items()),
+             f"stage.init_from={base}", "stage.optimizer.lr=1e-5"]
     side = a.resolution
     data = [f"paths.data_dir={a.out}/data", f"prepare.shapes_edit.size={side}", "prepare.shapes_edit.n=256",
             "prepare.shapes_edit.shard_size=128", f"data.bucket_area={side * side}", f"data.batch_size={a.batch}"]
@@ -94,7 +115,7 @@ def main() -> None:
         a.resolution = min(a.resolution, 64)
     a.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(a.out / "run", ignore_errors=True)  # a fresh run; the data stays for the next check
-    base = commands(a)
+    base = commands(a, write_base(a))
     device = "2 CPU processes (gloo)" if a.cpu else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     print(f"device: {device}; torch {torch.__version__}; flash-attn "
           f"{'installed' if has_flash_attn() else 'not installed'}")
@@ -120,6 +141,7 @@ def main() -> None:
         "samples/s (median of logged steps, all ranks)": round(statistics.median(speed), 2) if speed else None,
         "peak memory per rank (GiB, largest rank)": round(max(memory), 2) if memory else None,
         "final loss": round(losses[max(losses)], 4) if losses else None,
+        "built on meta, init_from read by slices": "meta_build: true" in (a.out / "run" / "config.yaml").read_text(),
     }
     for key, value in report.items():
         print(f"{key:48s} {value}")
