@@ -37,17 +37,21 @@ class PeakMemory(Callback):
         Path(self.out, f"peak_rank{trainer.global_rank}.json").write_text(json.dumps({"peak_mib": peak_kib / 1024}))
 
 
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory) -> Path:
-    torch.manual_seed(11)
-    params = dataclasses.replace(get_params("tiny"), **BIG)  # tiny_overrides trains model=tiny
-    model = Flux(params)
-    with torch.no_grad():  # every tensor distinct and non-zero, so a misplaced slice shows
+def _random_file(path: Path, seed: int, **changes) -> Path:
+    """A reference-format file of `tiny` with `changes`, every tensor distinct and non-zero (so a
+    misplaced slice shows); tiny_overrides trains model=tiny."""
+    torch.manual_seed(seed)
+    model = Flux(dataclasses.replace(get_params("tiny"), **changes))
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    path = tmp_path_factory.mktemp("big") / "big.safetensors"
     save_flux(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory) -> Path:
+    return _random_file(tmp_path_factory.mktemp("big") / "big.safetensors", 11, **BIG)
 
 
 def _train(root: Path, random_ae: str, big_file: Path, run_dir: Path, processes: int) -> None:  # noqa: F811
@@ -90,22 +94,12 @@ def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), prefix
 
 
-def _small_file(tmp_path: Path, **changes) -> Path:
-    torch.manual_seed(5)
-    model = Flux(dataclasses.replace(get_params("tiny"), **changes))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    save_flux(model, tmp_path / "init.safetensors")
-    return tmp_path / "init.safetensors"
-
-
 def test_meta_build_in_one_process_loads_the_file(tmp_path):
     """parallel.meta_build=true without FSDP: built on meta, then the whole file by slices."""
     from kontext.parallel import ParallelConfig
     from kontext.stages.flow import FlowStage
 
-    path = _small_file(tmp_path)
+    path = _random_file(tmp_path / "init.safetensors", 5)
     stage = FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
     assert stage.meta_built and all(p.is_meta for p in stage.model.parameters())
     stage.configure_model()
@@ -119,7 +113,7 @@ def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
     from kontext.parallel import ParallelConfig
     from kontext.stages.flow import FlowStage
 
-    path = _small_file(tmp_path, hidden_size=96, axes_dim=[8, 8, 8])
+    path = _random_file(tmp_path / "init.safetensors", 5, hidden_size=96, axes_dim=[8, 8, 8])
     with pytest.raises(KontextError, match=r"83 with the wrong shape \(double_blocks.0.img_attn"):
         FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
 
