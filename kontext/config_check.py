@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kontext.data.buckets import REFERENCE_SIZES
 from kontext.errors import KontextError
 
 
@@ -153,7 +154,8 @@ KEYS: dict[str, object] = {
     "data.max_aspect": Num(1, real=True),
     "data.size": Num(16),
     "data.mode": Choice(("resampled", "exact")),
-    "data.reference_size": Choice(("bucket", "preferred")),
+    "data.reference_size": Choice(REFERENCE_SIZES),
+    "data.reference_area": Num(256, null=True),
     "data.payload": Choice(("image", "features")),
     "data.t2i_fraction": FRACTION,
     "data.instruction_dropout": FRACTION,

@@ -87,11 +87,12 @@ def _sized_shards(tmp_path, n=40, seed=0):
     return w.shards
 
 
-@pytest.mark.parametrize("reference_size", ["bucket", "preferred"])
+@pytest.mark.parametrize("reference_size", ["strict", "loose", "preferred"])
 def test_buckets_hold_one_size_and_reference_signature(tmp_path, reference_size):
     _sized_shards(tmp_path)
-    area = 48 * 48
-    cfg = StreamConfig(batch_size=3, mode="exact", max_area=area, reference_size=reference_size, shuffle_buffer=10)
+    area, ref_area = 48 * 48, 32 * 32
+    cfg = StreamConfig(batch_size=3, mode="exact", max_area=area, reference_size=reference_size,
+                       reference_area=ref_area, shuffle_buffer=10)
     seen = 0
     for batch in KontextLoader(str(tmp_path), cfg):
         b, c, h, w = batch["target"].shape
@@ -103,14 +104,57 @@ def test_buckets_hold_one_size_and_reference_signature(tmp_path, reference_size)
         assert all(len(batch["references"]) == int(k[1:]) % 3 for k in batch["key"])
         for k, ref in enumerate(batch["references"], 1):
             assert ref.shape[0] == b
-            if reference_size == "bucket":
-                assert ref.shape[2:] == (h, w)
-            else:
-                sw, sh = [(100, 50), (64, 64), (50, 120), (33, 77), (200, 90)][(i + k) % 5]
-                assert ref.shape[2:] == preferred_size(sw, sh, area)[::-1]
-                assert ref.shape[2] % 16 == 0 and ref.shape[3] % 16 == 0
+            sw, sh = [(100, 50), (64, 64), (50, 120), (33, 77), (200, 90)][(i + k) % 5]
+            expected = {"strict": (w, h), "loose": bucket_size(sw, sh, ref_area),
+                        "preferred": preferred_size(sw, sh, ref_area)}[reference_size]
+            assert ref.shape[2:] == expected[::-1]
+            assert ref.shape[2] % 16 == 0 and ref.shape[3] % 16 == 0
     assert seen == 40
     assert bucket_size(100, 50, area) == (64, 32)
+
+
+def _pair_shard(tmp_path, target: Image.Image, refs: list[Image.Image]) -> str:
+    with ShardWriter(str(tmp_path / "pair-%03d.tar"), maxcount=10) as w:
+        w.write(Sample("p0000", "edit", encode_image(target), [encode_image(r) for r in refs]))
+    return w.shards[0]
+
+
+def test_loose_reference_keeps_its_own_aspect_and_budget(tmp_path):
+    """A 2:1 reference of a square target: loose keeps 2:1 under its own pixel budget, strict
+    takes the target's square."""
+    rng = np.random.default_rng(1)
+    target = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    wide = Image.fromarray(rng.integers(0, 255, (60, 120, 3), dtype=np.uint8))
+    shard = _pair_shard(tmp_path, target, [wide])
+    base = dict(batch_size=1, mode="exact", max_area=64 * 64, shuffle_buffer=0)
+    loose = next(iter(KontextLoader(shard, StreamConfig(**base, reference_size="loose", reference_area=128 * 64))))
+    assert loose["target"].shape[2:] == (64, 64) and loose["references"][0].shape[2:] == (64, 128)
+    expected = np.asarray(wide.resize((128, 64), Image.LANCZOS), dtype=np.float32) / 127.5 - 1
+    assert torch.allclose(loose["references"][0][0].permute(1, 2, 0), torch.from_numpy(expected), atol=1e-5)
+    same_budget = next(iter(KontextLoader(shard, StreamConfig(**base, reference_size="loose"))))
+    assert same_budget["references"][0].shape[2:] == (32, 80)  # 2:1 under 64 x 64 pixels, sides of 16
+    strict = next(iter(KontextLoader(shard, StreamConfig(**base, reference_size="strict"))))
+    assert strict["references"][0].shape[2:] == (64, 64)
+
+
+def test_strict_reference_gets_the_targets_crop(tmp_path):
+    """A reference at twice the target's resolution (same scene) lands on the target's pixels."""
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 255, (25, 50, 3), dtype=np.uint8)
+    target = Image.fromarray(np.kron(small, np.ones((4, 4, 1), dtype=np.uint8)))  # 200 x 100, blocky
+    ref = target.resize((400, 200), Image.NEAREST)
+    shard = _pair_shard(tmp_path, target, [ref])
+    batch = next(iter(KontextLoader(shard, StreamConfig(batch_size=1, mode="exact", max_area=64 * 32,
+                                                         reference_size="strict", shuffle_buffer=0))))
+    assert batch["target"].shape == batch["references"][0].shape == (1, 3, 32, 64)
+    assert (batch["target"] - batch["references"][0]).abs().mean() < 0.02
+
+
+def test_reference_size_is_checked():
+    with pytest.raises(ValueError, match="reference_size"):
+        StreamConfig(reference_size="bucket")
+    with pytest.raises(ValueError, match="reference_area"):
+        StreamConfig(reference_size="loose", reference_area=100)
 
 
 def test_t2i_mixing_and_instruction_dropout(shapes):
@@ -271,3 +315,33 @@ def test_expand_shards_forms(shapes, tmp_path):
     # a URL is read through webdataset's gopen
     ld = KontextLoader(f"file://{shards[0]}", StreamConfig(batch_size=5, mode="exact", max_area=32 * 32))
     assert Counter(len(b["key"]) for b in ld).total() >= 2 and ld.stats["seen"] == 10
+
+
+def test_loose_reference_reaches_the_model_at_its_own_shape(tmp_path):
+    """A 2:1 reference of a square target goes through the flow stage's training step as a 2:1
+    grid of context tokens (ids t = 1, its own rows and columns), beside the target's square."""
+    from tiny_kontext import TINY_AE, text_encoder
+
+    from kontext.autoencoder import AutoEncoder
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages.flow import FlowStage
+
+    rng = np.random.default_rng(3)
+    target = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    wide = Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8))
+    shard = _pair_shard(tmp_path, target, [wide])
+    cfg = StreamConfig(batch_size=1, mode="exact", max_area=64 * 64, reference_size="loose",
+                       reference_area=128 * 64, shuffle_buffer=0)
+    batch = next(iter(KontextLoader(shard, cfg)))
+    stage = FlowStage(FLUX_PRESETS["tiny"], autoencoder=AutoEncoder(TINY_AE).eval(), text=text_encoder())
+    stage.noise_generator = lambda batch_idx, device: torch.Generator(device).manual_seed(0)  # no trainer here
+    seen = {}
+    stage.model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(img=args[0], ids=args[1]),
+                                          with_kwargs=True)
+    loss = stage.training_step(batch, batch_idx=1)
+    assert torch.isfinite(loss)
+    target_ids, ref_ids = seen["ids"][0, :16], seen["ids"][0, 16:]
+    assert seen["img"].shape[1] == 16 + 32  # 4 x 4 target patches, 4 x 8 reference patches
+    assert (target_ids[:, 0] == 0).all() and (ref_ids[:, 0] == 1).all()
+    assert target_ids[:, 1].max() == 3 and target_ids[:, 2].max() == 3
+    assert ref_ids[:, 1].max() == 3 and ref_ids[:, 2].max() == 7

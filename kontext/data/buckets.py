@@ -15,6 +15,9 @@ import math
 from PIL import Image, ImageOps
 
 MULTIPLE = 16
+# How references are sized (`data.reference_size`): the target's bucket and crop, their own
+# aspect ratio under their own pixel budget, or the nearest preferred Kontext resolution.
+REFERENCE_SIZES = ("strict", "loose", "preferred")
 
 # (width, height), about 1024 * 1024 pixels each, ordered from tallest to widest.
 PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (

@@ -295,20 +295,29 @@ def find_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         raise CacheError(f"image shards for the feature cache: {err}") from err
 
 
-def bucket_resolution(max_area: int, max_aspect: float = 4.0, reference_size: str = "bucket") -> str:
-    """The `resolution` part of a cache identity for the loader's bucketing settings."""
-    return f"max_area={int(max_area)},max_aspect={float(max_aspect)},reference_size={reference_size}"
+def bucket_resolution(max_area: int, max_aspect: float = 4.0, reference_size: str = "strict",
+                      reference_area: int | None = None) -> str:
+    """The `resolution` part of a cache identity for the loader's bucketing settings. Strict
+    references keep the name they had before loose ones existed ("bucket"), so caches built then
+    stay valid; a reference area other than the bucket's is named."""
+    out = f"max_area={int(max_area)},max_aspect={float(max_aspect)},"
+    if reference_size == "strict":
+        return out + "reference_size=bucket"
+    out += f"reference_size={reference_size}"
+    if reference_area is not None and int(reference_area) != int(max_area):
+        out += f",reference_area={int(reference_area)}"
+    return out
 
 
 def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_size: int = 64,
-                  max_area: int = 64 * 64, max_aspect: float = 4.0, reference_size: str = "bucket",
-                  dtype: str = "float32", samples_per_shard: int = 1000, overwrite: bool = False,
+                  max_area: int = 64 * 64, max_aspect: float = 4.0, reference_size: str = "strict",
+                  reference_area: int | None = None, dtype: str = "float32", samples_per_shard: int = 1000, overwrite: bool = False,
                   device: str = "cpu") -> CacheManifest:
     """The idempotent prepare step (`cfg.prepare`): make sure a valid cache of `shards` exists.
 
     `autoencoder`: an AutoEncoder or the path of its safetensors file; `text`: a TextEncoder or
     its config. Images are bucketed exactly as the image loader does (`max_area`,
-    `max_aspect`, `reference_size`), in one deterministic pass without dropout. Run it in one
+    `max_aspect`, `reference_size`, `reference_area`), in one deterministic pass without dropout. Run it in one
     process (e.g. before launching a multi-GPU job): concurrent builds are safe but wasteful.
     """
     from kontext.data.stream import StreamConfig, WorkerStream
@@ -322,8 +331,9 @@ def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_s
     if not isinstance(text, Mapping):
         text = text.to(device)
     stream = StreamConfig(batch_size=batch_size, mode="exact", max_area=max_area, max_aspect=max_aspect,
-                          reference_size=reference_size, shuffle_shards=False, shuffle_buffer=0, payload="image")
-    resolution = bucket_resolution(max_area, max_aspect, reference_size)
+                          reference_size=reference_size, reference_area=reference_area, shuffle_shards=False,
+                          shuffle_buffer=0, payload="image")
+    resolution = bucket_resolution(max_area, max_aspect, reference_size, reference_area)
     return build_cache(path, lambda: WorkerStream(urls, stream, epoch=0, slot=0, slots=1), autoencoder, text,
                        resolution=resolution, source=shards_digest(urls), dtype=dtype,
                        samples_per_shard=samples_per_shard, overwrite=overwrite)
@@ -332,7 +342,7 @@ def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_s
 # --------------------------------------------------------------------------------- the command
 USAGE = """usage: python data/cache_features.py out=DIR shards=SPEC [autoencoder=PATH] [text=embedded|t5_clip]
     [max_length=null] [t5_path=DIR] [clip_path=DIR] [t5_tokenizer_path=DIR] [clip_tokenizer_path=DIR]
-    [text_dtype=null] [batch_size=64] [bucket_area=4096] [max_aspect=4.0] [reference_size=bucket]
+    [text_dtype=null] [batch_size=64] [bucket_area=4096] [max_aspect=4.0] [reference_size=strict] [reference_area=null]
     [dtype=float32|float16|bfloat16] [shard_size=1000] [overwrite=false] [device=cpu]
 Encodes the image shards SPEC once (autoencoder latents of target and references, text features)
 into DIR; reuses DIR when it was built from the same inputs and refuses it when not."""
@@ -347,7 +357,7 @@ def cache_main(argv: list[str]) -> CacheManifest:
     a = parse_args(argv, {"out": "???", "shards": "???", "autoencoder": None, "text": "embedded",
                           "max_length": None, "t5_path": None, "clip_path": None, "t5_tokenizer_path": None,
                           "clip_tokenizer_path": None, "text_dtype": None, "batch_size": 64, "bucket_area": 64 * 64,
-                          "max_aspect": 4.0, "reference_size": "bucket", "dtype": "float32", "shard_size": 1000,
+                          "max_aspect": 4.0, "reference_size": "strict", "reference_area": None, "dtype": "float32", "shard_size": 1000,
                           "overwrite": False, "device": "cpu"}, USAGE)
     shards = find_shards(a["shards"])
     config = Path(__file__).resolve().parents[2] / "configs" / "text" / f"{a['text']}.yaml"
@@ -368,7 +378,7 @@ def cache_main(argv: list[str]) -> CacheManifest:
         raise CacheError(f"autoencoder: {err}") from err
     manifest = prepare_cache(a["out"], shards, autoencoder, text, batch_size=a["batch_size"],
                              max_area=a["bucket_area"], max_aspect=a["max_aspect"],
-                             reference_size=a["reference_size"], dtype=a["dtype"], samples_per_shard=a["shard_size"],
+                             reference_size=a["reference_size"], reference_area=a["reference_area"], dtype=a["dtype"], samples_per_shard=a["shard_size"],
                              overwrite=a["overwrite"], device=a["device"])
     size = sum(os.path.getsize(s) for s in manifest.shards)
     print(f"{'reused' if manifest.reused else 'wrote'} feature cache {manifest.path}: {manifest.num_samples} samples in "

@@ -223,7 +223,7 @@ class KontextDataModule(L.LightningDataModule):
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
                  batch_size: int = 8, num_workers: int = 2, mode: str = "resampled",
                  epoch_samples: int = 10_000, bucket_area: int = 64 * 64, max_aspect: float = 4.0,
-                 reference_size: str = "bucket", t2i_fraction: float = 0.0,
+                 reference_size: str = "strict", reference_area: int | None = None, t2i_fraction: float = 0.0,
                  instruction_dropout: float = 0.0, shuffle_buffer: int = 1000, seed: int = 0,
                  payload: str = "image", empty_prompt: str | None = None,
                  max_bad_fraction: float = 0.5, max_consecutive_bad: int = 100, max_pixels: int | None = MAX_PIXELS,
@@ -236,12 +236,14 @@ class KontextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_cfg = StreamConfig(
             batch_size=batch_size, mode=mode, max_area=bucket_area, max_aspect=max_aspect,
-            reference_size=reference_size, t2i_fraction=t2i_fraction, instruction_dropout=instruction_dropout,
+            reference_size=reference_size, reference_area=reference_area, t2i_fraction=t2i_fraction,
+            instruction_dropout=instruction_dropout,
             shuffle_buffer=shuffle_buffer, payload=payload, seed=seed, max_bad_fraction=max_bad_fraction,
             max_consecutive_bad=max_consecutive_bad, max_pixels=max_pixels)
         self.val_cfg = StreamConfig(
             batch_size=batch_size, mode="exact", max_area=bucket_area, max_aspect=max_aspect,
-            reference_size=reference_size, shuffle_shards=False, shuffle_buffer=0, payload=payload,
+            reference_size=reference_size, reference_area=reference_area, shuffle_shards=False, shuffle_buffer=0,
+            payload=payload,
             seed=seed, max_bad_fraction=max_bad_fraction, max_consecutive_bad=max_consecutive_bad,
             max_pixels=max_pixels)
         self.train_loader: KontextLoader | None = None

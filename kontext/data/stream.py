@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from kontext.data.buckets import bucket_size, fit, preferred_size
+from kontext.data.buckets import MULTIPLE, REFERENCE_SIZES, bucket_size, fit, preferred_size
 from kontext.data.format import MAX_PIXELS, FormatError, Sample, decode_image, from_record, image_size
 from kontext.errors import KontextError
 
@@ -40,7 +40,10 @@ class StreamConfig:
     mode: str = "resampled"  # "resampled": shards drawn with replacement; "exact": each sample once
     max_area: int = 64 * 64  # bucket area in pixels
     max_aspect: float = 4.0
-    reference_size: str = "bucket"  # "bucket": the target's bucket; "preferred": own Kontext size
+    # "strict": the target's bucket and crop | "loose": own aspect ratio under `reference_area` |
+    # "preferred": the Kontext resolution nearest its aspect ratio, scaled to `reference_area`
+    reference_size: str = "strict"
+    reference_area: int | None = None  # pixels of a loose or preferred reference; None: max_area
     t2i_fraction: float = 0.0  # edit samples whose references are dropped
     instruction_dropout: float = 0.0  # samples whose instruction becomes ""
     shuffle_shards: bool = True
@@ -54,15 +57,28 @@ class StreamConfig:
     max_pixels: int | None = MAX_PIXELS  # larger images are skipped from their header ("image too large")
 
     def __post_init__(self):
-        checks = {"mode": ("resampled", "exact"), "reference_size": ("bucket", "preferred"),
+        checks = {"mode": ("resampled", "exact"), "reference_size": REFERENCE_SIZES,
                   "payload": ("image", "features")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.batch_size < 1 or not 0 <= self.t2i_fraction <= 1 or not 0 <= self.instruction_dropout <= 1:
             raise ValueError("batch_size >= 1 and fractions in [0, 1] are required")
+        if self.reference_area is not None and self.reference_area < MULTIPLE * MULTIPLE:
+            raise ValueError(f"reference_area must be at least {MULTIPLE * MULTIPLE} pixels, got {self.reference_area}")
         if self.max_consecutive_bad < 1:
             raise ValueError(f"max_consecutive_bad must be at least 1, got {self.max_consecutive_bad}")
+
+
+def reference_bucket(size: tuple[int, int], cfg: StreamConfig) -> tuple[int, int]:
+    """The (W, H) a loose or preferred reference of source `size` is fitted to: its own aspect
+    ratio under its own pixel budget (loose) or the preferred Kontext resolution nearest its
+    aspect ratio (preferred). A strict reference takes the target's bucket instead, scaled and
+    centre-cropped as the target is, so one of the target's aspect ratio gets exactly its crop."""
+    area = cfg.reference_area or cfg.max_area
+    if cfg.reference_size == "loose":
+        return bucket_size(*size, area, cfg.max_aspect)
+    return preferred_size(*size, area)
 
 
 def make_seed(*parts: Any) -> int:
@@ -195,10 +211,10 @@ class WorkerStream:
                            if not k.startswith("ref"))
             return Item(s, (shapes, refs))
         bucket = bucket_size(*image_size(s.target, c.max_pixels), c.max_area, c.max_aspect)
-        if c.reference_size == "bucket":
+        if c.reference_size == "strict":
             ref_sizes = tuple(bucket for _ in s.references)
         else:
-            ref_sizes = tuple(preferred_size(*image_size(r, c.max_pixels), c.max_area) for r in s.references)
+            ref_sizes = tuple(reference_bucket(image_size(r, c.max_pixels), c) for r in s.references)
         return Item(s, (bucket, ref_sizes), (bucket, ref_sizes))
 
     def shuffled(self, items: Iterable[Item]) -> Iterator[Item]:
