@@ -168,6 +168,7 @@ KEYS: dict[str, object] = {
     "adapter.alpha": Num(0, real=True, above_lo=True),
     "adapter.dropout": Num(0, 1, real=True, below_hi=True),
     "adapter.targets": Names(),
+    "adapter.quantize_base": Choice((None, "int8", "fp8")),
     "stage.optimizer.lr": Num(0, real=True),
     "stage.optimizer.betas": Pair(),
     "stage.optimizer.weight_decay": Num(0, real=True),

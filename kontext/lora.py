@@ -34,6 +34,7 @@ LORA = {
     "rank": 16,
     "alpha": 16.0,
     "dropout": 0.0,
+    "quantize_base": None,  # int8 | fp8: the frozen base's block linears stored weight-only quantised (torchao)
     "targets": ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.img_mlp",
                 "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj", "double_blocks.*.txt_mlp",
                 "single_blocks.*.linear1", "single_blocks.*.linear2"),
@@ -113,6 +114,38 @@ def freeze_base(model: nn.Module, dtype: torch.dtype | None) -> None:
         for p in model.parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)
+
+
+QUANTIZED = ("int8", "fp8")  # `adapter.quantize_base`
+
+
+def quantize_base(model: nn.Module, kind: str) -> int:
+    """Store the frozen weights of every linear layer of the blocks (the adapters' base layers
+    and the frozen rest, e.g. the modulation) weight-only quantised by torchao: int8 with one
+    scale per output row, or fp8 (e4m3) likewise; about a quarter of fp32, half of bf16. The
+    forward dequantises on the fly in the base's dtype; the adapters, embedders and norms keep
+    their dtype. Returns the number of layers quantised."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        raise KontextError(f"adapter.quantize_base={kind} needs torchao: pip install torchao") from err
+    from kontext import parallel
+
+    if kind not in QUANTIZED:
+        raise KontextError(f"adapter.quantize_base={kind!r}: expected one of {', '.join(QUANTIZED)} or null")
+    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    frozen = {id(m) for block in parallel.blocks(model) for name, m in block.named_modules()
+              if isinstance(m, nn.Linear) and ".lora_" not in f".{name}" and not m.weight.requires_grad}
+    quantize_(model, config, filter_fn=lambda m, _name: id(m) in frozen)
+    return len(frozen)
+
+
+def dequantize_base(model: nn.Module) -> None:
+    """Quantised base weights back to plain tensors of their dtype, in place (before a merge)."""
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) and hasattr(weight, "qdata"):  # torchao's int8 / fp8 weight tensors
+            m.weight = nn.Parameter(weight.dequantize().to(weight.dtype), requires_grad=False)
 
 
 def adapters(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> Adapter:

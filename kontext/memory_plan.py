@@ -6,10 +6,12 @@
 
 Where each number comes from (N ranks, P parameters, T of them trained):
 - sharded state (FSDP2, one unit per block): fp32 master weights 4P/N, fp32 gradients 4T/N,
-  AdamW's two moments 8T/N, the EMA 4T/N;
-- gathered weights: FSDP2 all-gathers one unit at a time in `param_dtype` and prefetches the
-  next, so two of the largest unit are whole at once; in backward that unit's gradient is also
-  whole, in `param_dtype` and then in `reduce_dtype`, before its reduce-scatter;
+  AdamW's two moments 8T/N, the EMA 4T/N. A LoRA run's frozen base is held in `param_dtype`,
+  or with `quantize_base` its block linears at one byte per weight plus per-row scales
+  (torchao's int8 / fp8 weight-only tensors);
+- gathered weights (N > 1): FSDP2 all-gathers one unit at a time in `param_dtype` and prefetches
+  the next, so two of the largest unit are whole at once; in backward that unit's gradient is
+  also whole, in `param_dtype` and then in `reduce_dtype`, before its reduce-scatter;
 - activations: the tensors the forward keeps for backward, counted by running the model's own
   forward on the `meta` device (no memory, no compute) at the planned shapes, with the chosen
   activation checkpointing applied to the real blocks and attention as a fused kernel (flash /
@@ -24,8 +26,8 @@ Where each number comes from (N ranks, P parameters, T of them trained):
   of every tensor: nothing of the model stays on the host (counted: the largest tensor in
   fp32, a bound on one read). Otherwise (one process, training from scratch, a LoRA base, a
   distillation student, which starts from its teacher) the code builds the whole fp32 model on every rank, reads an `init_from` file whole
-  and deep-copies the EMA before anything is sharded: a peak of max(4P + file, 8P) bytes per
-  rank. A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
+  and deep-copies the EMA (a LoRA run: its adapters only) before anything is sharded: a peak of
+  max(4P + file, 8P) bytes per rank (LoRA: 4P + file). A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
 Not counted: the CUDA context and the allocator's reserve (plan 1-3 GB per GPU for them), the
 data loader, and compile's workspaces. `tests/test_memory_plan.py` checks the counts against
 tensors measured on models this machine can run.
@@ -72,6 +74,7 @@ class PlanConfig:
     batch: int = 1                     # samples per GPU
     txt_tokens: int = 512              # T5 sequence length
     lora_rank: int = 0                 # 0: full fine-tuning; r: LoRA of rank r on every block linear
+    quantize_base: str | None = None   # with LoRA: int8 | fp8 weight-only storage of the block linears
     ema: bool = True
     teacher: bool = False              # a distillation stage's teacher (sharded in param_dtype under FSDP)
     encoders_on_gpu: bool = True       # False when training reads cached features
@@ -95,6 +98,24 @@ def lora_parameters(model: nn.Module, rank: int) -> int:
     """Parameters of rank-`rank` adapters on every linear layer of the double and single blocks."""
     return sum(rank * (m.in_features + m.out_features)
                for block in parallel.blocks(model) for m in block.modules() if isinstance(m, nn.Linear))
+
+
+# Bytes per stored value and per output row (scale, zero point) of torchao's weight-only tensors
+# (`adapter.quantize_base`, kontext.lora.quantize_base).
+QUANTIZED_BYTES = {"int8": (1, 4 + 1), "fp8": (1, 4)}
+
+
+def frozen_base_bytes(model: nn.Module, dtype_bytes: int, quantize: str | None = None) -> int:
+    """Bytes of a LoRA run's frozen base: every parameter in the compute dtype, or with
+    `quantize` the block linears' weights at one byte each plus their per-row scales."""
+    total = dtype_bytes * sum(p.numel() for p in model.parameters())
+    if quantize:
+        value, row = QUANTIZED_BYTES[quantize]
+        for block in parallel.blocks(model):
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    total += (value - dtype_bytes) * m.weight.numel() + row * m.out_features
+    return total
 
 
 def encoder_bytes(with_text: bool = True) -> int:
@@ -153,15 +174,16 @@ def plan(cfg: PlanConfig) -> Plan:
 
     pb, rb = DTYPE_BYTES[cfg.param_dtype], DTYPE_BYTES[cfg.reduce_dtype]
     gpu = out.gpu
-    if cfg.lora_rank:  # the base frozen in the compute dtype, the adapters in fp32
-        gpu["weights (sharded)"] = (pb * out.params + 4 * out.trained) / n
+    if cfg.lora_rank:  # the base frozen in the compute dtype (or quantised), the adapters in fp32
+        gpu["weights (sharded)"] = (frozen_base_bytes(model, pb, cfg.quantize_base) + 4 * out.trained) / n
     else:
         gpu["weights (sharded, fp32)"] = 4 * out.params / n
     gpu["gradients (sharded, fp32)"] = 4 * out.trained / n
     gpu["AdamW moments (sharded, fp32)"] = 8 * out.trained / n
     gpu["EMA (sharded, fp32)"] = 4 * out.trained / n if cfg.ema else 0
-    gpu["gathered weights (2 units)"] = 2 * pb * out.largest_unit
-    gpu["one unit's whole gradient"] = (pb + rb) * out.largest_unit if not cfg.lora_rank else 0
+    if n > 1:  # one GPU holds the whole model: nothing is gathered or reduce-scattered
+        gpu["gathered weights (2 units)"] = 2 * pb * out.largest_unit
+        gpu["one unit's whole gradient"] = (pb + rb) * out.largest_unit if not cfg.lora_rank else 0
 
     for block in parallel.blocks(model):
         parallel.checkpoint_block(block, cfg.ac)
@@ -180,7 +202,8 @@ def plan(cfg: PlanConfig) -> Plan:
         out.host_per_rank = 4 * out.largest_tensor
     else:
         file_bytes = 2 * out.params if cfg.init_from else 0
-        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
+        whole_ema = cfg.ema and not cfg.lora_rank  # a LoRA run averages its adapters alone
+        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if whole_ema else 4 * out.params)
     out.host_per_rank += 4 * out.params if cfg.teacher else 0
     out.host = out.host_per_rank * min(cfg.gpus_per_host, n)
     return out
@@ -209,7 +232,8 @@ def report(cfg: PlanConfig, result: Plan) -> str:
     total = sum(result.gpu.values())
     lines = [
         f"{cfg.model}: {result.params / 1e9:.2f}B parameters, {result.trained / 1e9:.3f}B trained"
-        f"{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}; {cfg.gpus} GPU(s), "
+        f"{f' (LoRA rank {cfg.lora_rank})' if cfg.lora_rank else ''}"
+        f"{f', base {cfg.quantize_base} weight-only' if cfg.quantize_base else ''}; {cfg.gpus} GPU(s), "
         f"params {cfg.param_dtype} / reduce {cfg.reduce_dtype}, checkpointing {cfg.ac}; "
         f"{cfg.batch} x {cfg.resolution}px + {cfg.contexts} context(s) + {cfg.txt_tokens} text = "
         f"{result.tokens} tokens per sample",
@@ -219,8 +243,8 @@ def report(cfg: PlanConfig, result: Plan) -> str:
         *(f"| {name} | {value / GIB:.2f} |" for name, value in result.gpu.items() if value),
         f"| **total** | **{total / GIB:.2f}** |",
         "",
-        f"largest single all-gather: {result.largest_unit * DTYPE_BYTES[cfg.param_dtype] / GIB:.2f} GiB "
-        f"({result.largest_unit / 1e6:.0f}M parameters in {cfg.param_dtype})",
+        *([f"largest single all-gather: {result.largest_unit * DTYPE_BYTES[cfg.param_dtype] / GIB:.2f} GiB "
+           f"({result.largest_unit / 1e6:.0f}M parameters in {cfg.param_dtype})"] if cfg.gpus > 1 else []),
         f"host memory while building: {result.host_per_rank / GIB:.1f} GiB per rank, "
         f"{result.host / GIB:.1f} GiB for the {min(cfg.gpus_per_host, cfg.gpus)} rank(s) of one host",
     ]
@@ -245,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument("--txt-tokens", type=int, default=d.txt_tokens)
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--quantize-base", choices=sorted(QUANTIZED_BYTES),
+                        help="with --lora-rank: the frozen base's block linears stored weight-only quantised")
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--teacher", action="store_true", help="a distillation stage's teacher")
     parser.add_argument("--cached-features", action="store_true", help="no encoders on the GPU")
@@ -256,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{name} must be at least 1, got {value}")
     if a.resolution < 16 or a.resolution % 16 or a.contexts < 0 or a.lora_rank < 0:
         parser.error("--resolution must be a positive multiple of 16; --contexts and --lora-rank at least 0")
+    if a.quantize_base and not a.lora_rank:
+        parser.error("--quantize-base quantises a LoRA run's frozen base: give --lora-rank too")
     try:
         get_params(a.model)
     except KeyError as e:
@@ -264,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PlanConfig(model=a.model, gpus=a.gpus, gpus_per_host=a.gpus_per_host, param_dtype=recipe["param_dtype"],
                      reduce_dtype=recipe["reduce_dtype"], ac=a.ac or recipe["ac"], resolution=a.resolution,
                      contexts=a.contexts, batch=a.batch, txt_tokens=a.txt_tokens, lora_rank=a.lora_rank,
+                     quantize_base=a.quantize_base,
                      ema=not a.no_ema, teacher=a.teacher, encoders_on_gpu=not a.cached_features,
                      gpu_gib=a.gpu_gib)
     print(report(cfg, plan(cfg)))

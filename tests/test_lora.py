@@ -157,9 +157,11 @@ def test_activation_checkpointing_with_adapters_changes_no_number(base_file, mod
 
 
 @pytest.mark.slow
-def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file):
-    """Per-block torch.compile over peft's layers (inductor on CPU): the same names, loss and
-    adapter gradients as eager."""
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantize):
+    """Per-block torch.compile over peft's layers (inductor on CPU), also over an int8 base: the
+    same names, loss and adapter gradients as eager."""
+    from kontext.lora import quantize_base
     from kontext.parallel import ParallelConfig, parallelize
 
     eager, compiled = lora_stage(base_file), lora_stage(base_file)
@@ -168,6 +170,10 @@ def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file):
             if ".lora_B." in name:
                 p.fill_(0.01)
     compiled.model.load_state_dict(eager.model.state_dict())  # the same A (drawn at random) and B
+    if quantize:
+        pytest.importorskip("torchao")
+        for stage in (eager, compiled):
+            quantize_base(stage.model, quantize)
     parallelize(compiled.model, ParallelConfig(compile=True), device="cpu")
     assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
     losses = [loss_of(stage.model) for stage in (eager, compiled)]
@@ -264,3 +270,71 @@ def test_adapter_dropout_draws_from_the_step_seed_alone(base_file):
                 losses.append(loss_of(stage.model))
     assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
     assert losses[0] == losses[1] and losses[0] != losses[2]  # dropout is on, and follows the seed
+
+
+# ------------------------------------------------------------------------ quantised base
+
+def _quantized_stage(base_file, kind: str, precision: str = "32-true") -> FlowStage:
+    stage = lora_stage(base_file, quantize_base=kind)
+    stage._trainer = SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    stage.configure_model()
+    return stage
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_base_stores_block_linears_in_one_byte_and_trains_the_adapters(base_file, kind):
+    pytest.importorskip("torchao")
+    stage = _quantized_stage(base_file, kind)
+    quantized = {n: m.weight for n, m in stage.model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and type(m.weight) is not torch.nn.Parameter}
+    linears = [n for n, m in unwrap(build_flux(TINY)).named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(("double_blocks", "single_blocks"))]
+    assert len(quantized) == len(linears) == 26  # 20 adapted base layers and 6 frozen modulations
+    assert all(".lora_" not in n for n in quantized)
+    assert {w.qdata.element_size() for w in quantized.values()} == {1}
+    assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter
+               for n, p in stage.model.named_parameters() if ".lora_" in n)
+    # Before the adapters move, the model is the base up to the quantisation's rounding.
+    base = load_flux(base_file).eval()
+    stage.model.eval()
+    with torch.no_grad():
+        want, got = loss_of(base), loss_of(stage.model)
+    assert 0 < abs(got - want) < 1e-3 * want  # measured: 4.7e-5 (int8), 3.2e-5 (fp8) of the loss
+    loss = loss_of(stage.model)
+    loss.backward()
+    assert all(p.grad is not None for n, p in stage.model.named_parameters() if ".lora_B." in n)
+    assert all(p.grad is None for n, p in stage.model.named_parameters() if ".lora_" not in n)
+
+
+def test_quantized_base_merges_as_the_weights_it_trained_with(base_file):
+    pytest.importorskip("torchao")
+    stage = _quantized_stage(base_file, "int8", precision="bf16-mixed")
+    with torch.no_grad():
+        for name, p in stage.model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(std=0.01)
+    stage.ema.update(stage.model)
+    base = {n: m.weight.dequantize() for n, m in stage.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata")}
+    adapter = stage.merge_adapters()
+    merged = stage.model.state_dict()
+    assert {(type(p).__name__, p.dtype) for p in stage.model.parameters()} == {("Parameter", torch.bfloat16)}
+    for name, weight in base.items():
+        layer = name.removesuffix(".base_layer")
+        want = weight.float()
+        if layer in adapter.layers:
+            want = want + adapter.alpha / adapter.rank * adapter.layers[layer].up @ adapter.layers[layer].down
+        torch.testing.assert_close(merged[f"{layer}.weight"].float(), want, atol=1e-2, rtol=1e-2)
+    # The base's other parameters are the file's (in the compute dtype).
+    assert torch.equal(merged["img_in.weight"], load_flux(base_file).img_in.weight.bfloat16())
+
+
+def test_quantized_base_needs_one_process(base_file):
+    pytest.importorskip("torchao")
+    stage = lora_stage(base_file, quantize_base="int8")
+    stage.sharding_mesh = lambda: SimpleNamespace(size=lambda: 2)  # FSDP over two ranks
+    stage._trainer = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(KontextError, match="quantize_base=int8 trains in one process"):
+        stage.configure_model()
+    with pytest.raises(KontextError, match="adapter.quantize_base"):
+        lora_options({"quantize_base": "int4"})

@@ -131,6 +131,44 @@ def test_lora_resume_after_preemption_is_exact(data_root, random_ae, base_file):
     assert len(step_losses(resumed)) == 12
 
 
+def test_lora_run_on_an_int8_base_resumes_exactly_and_exports_the_merge(data_root, random_ae, base_file):  # noqa: F811
+    """`adapter.quantize_base=int8`: the base's block linears train as torchao int8 weights; the
+    run resumes bit for bit, checkpoints the adapters alone and exports the dequantised base with
+    the EMA adapters merged."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    def cfg(run_dir, *extra):
+        return compose_train([*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file),
+                              "adapter.quantize_base=int8", *extra])
+
+    straight, resumed = data_root / "int8_straight", data_root / "int8_resumed"
+    run(cfg(straight, "stage.finish.export=true"))
+    run(cfg(resumed, "+callbacks.preempt._target_=test_resume.SignalAt", "+callbacks.preempt.step=5"))
+    run(cfg(resumed))
+    assert_same_run(resumed, straight)
+    assert all(k == "ema.num_updates" or ".lora_" in k for k in final_state(resumed)["weights"])
+    plain = data_root / "lora_straight"  # test_lora_resume_after_preemption_is_exact: the same run, fp32 base
+    if plain.exists():
+        assert step_losses(straight) != step_losses(plain)  # the int8 base is another base
+    adapter = read_adapter(straight / "lora" / "adapter.safetensors")
+    base = load_flux(base_file).state_dict()
+    exported = load_flux(straight / "export" / "transformer.safetensors").state_dict()
+    rounded = 0
+    for key, value in exported.items():
+        layer = key.removesuffix(".weight")
+        want = base[key]
+        if key.endswith(".weight") and key.startswith(("double_blocks", "single_blocks")) and want.ndim == 2:
+            linear = torch.nn.Linear(want.shape[1], want.shape[0], bias=False)
+            linear.weight.data.copy_(want)
+            quantize_(linear, Int8WeightOnlyConfig())
+            want, rounded = linear.weight.dequantize().to(want.dtype), rounded + 1
+        if layer in adapter.layers:
+            want = want + adapter.alpha / adapter.rank * adapter.layers[layer].up @ adapter.layers[layer].down
+        torch.testing.assert_close(value, want, atol=1e-6, rtol=0, msg=key)
+    assert rounded == 26
+
+
 # ------------------------------------------------------------------------------ 2 processes
 
 def _train_cli(args: list[str], cwd: Path):

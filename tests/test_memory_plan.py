@@ -115,3 +115,33 @@ def test_recipes_mirror_the_parallel_configs():
                               OmegaConf.load(CONFIGS / f"{name}.yaml"))
         assert recipe == {"param_dtype": cfg.param_dtype, "reduce_dtype": cfg.reduce_dtype,
                           "ac": cfg.activation_checkpointing}, name
+
+
+@pytest.mark.parametrize("kind", [None, "int8", "fp8"])
+def test_lora_base_counted_as_a_real_quantised_model_holds_it(kind):
+    """A LoRA run's weights in the plan (frozen base in fp32 or weight-only quantised, adapters
+    on every block linear) against the bytes of the tensors of the real model."""
+    from kontext.lora import add_adapters, lora_options, quantize_base
+
+    if kind:
+        pytest.importorskip("torchao")
+    model = build_flux("tiny")
+    targets = [f"{kind_}_blocks.*" for kind_ in ("double", "single")]
+    add_adapters(model, lora_options({"rank": 16, "targets": targets}))
+    if kind:
+        quantize_base(model, kind)
+
+    def nbytes(t):
+        if hasattr(t, "qdata"):  # torchao's weight tensors: their stored parts
+            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    measured = sum(nbytes(p) for p in model.parameters())
+    planned = plan(PlanConfig(model="tiny", gpus=1, param_dtype="float32", resolution=64, lora_rank=16,
+                              quantize_base=kind, encoders_on_gpu=False))
+    assert planned.gpu["weights (sharded)"] == measured
+    if kind:
+        fp32 = plan(PlanConfig(model="tiny", gpus=1, param_dtype="float32", resolution=64, lora_rank=16,
+                               encoders_on_gpu=False)).gpu["weights (sharded)"]
+        assert measured < 0.6 * fp32  # the tiny preset's embedders and norms, not quantised, are a large share
+    assert "gathered weights (2 units)" not in planned.gpu  # one GPU gathers nothing

@@ -36,8 +36,10 @@ from kontext.lora import (
     adapters,
     add_adapters,
     checkpoint_adapters_only,
+    dequantize_base,
     freeze_base,
     lora_options,
+    quantize_base,
     seeded_rng,
     swapped_in,
     unwrap,
@@ -165,6 +167,11 @@ class FlowStage(L.LightningModule):
         else:
             self.base_dtype = self.compute_dtype(mesh)
             freeze_base(self.model, self.base_dtype)
+            if self.lora_cfg["quantize_base"]:
+                if mesh is not None:
+                    raise KontextError(f"adapter.quantize_base={self.lora_cfg['quantize_base']} trains in one process; "
+                                       "under FSDP the bf16 base is sharded instead (adapter.quantize_base=null)")
+                quantize_base(self.model, self.lora_cfg["quantize_base"])
             parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
             self.ema.shard_like(self.model)
         if mesh is not None and self.parallel_cfg.shard_frozen:
@@ -369,6 +376,7 @@ class FlowStage(L.LightningModule):
         if self.lora_cfg is None or not adapted_layers(self.model):
             return None
         adapter = adapters(self.model, weights=dict(self.ema.model.named_parameters()))
+        dequantize_base(self.model)  # a quantised base merges as the weights it trained with
         merge(unwrap(self.model), adapter)
         self.model.eval()
         return adapter
