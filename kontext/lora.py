@@ -85,10 +85,10 @@ def add_adapters(model: nn.Module, cfg: dict) -> list[str]:
                         target_modules=names)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     model.requires_grad_(False)
-    for name in names:
+    for name in names:  # trained in fp32 whatever the base's dtype (peft gives them the base's)
         layer = model.get_submodule(name)
-        layer.lora_A[ADAPTER].requires_grad_(True)
-        layer.lora_B[ADAPTER].requires_grad_(True)
+        layer.lora_A[ADAPTER].float().requires_grad_(True)
+        layer.lora_B[ADAPTER].float().requires_grad_(True)
     if (found := len(adapted_layers(model))) != len(names):
         raise RuntimeError(f"peft adapted {found} layers where {len(names)} were asked for")
     return names

@@ -24,10 +24,12 @@ Where each number comes from (N ranks, P parameters, T of them trained):
 - per host, while building: fine-tuning from an `init_from` file under FSDP (N > 1, no LoRA)
   builds the model and its EMA on `meta`, shards them on the device and reads each rank's rows
   of every tensor: nothing of the model stays on the host (counted: the largest tensor in
-  fp32, a bound on one read). Otherwise (one process, training from scratch, a LoRA base, a
-  distillation student, which starts from its teacher) the code builds the whole fp32 model on every rank, reads an `init_from` file whole
-  and deep-copies the EMA (a LoRA run: its adapters only) before anything is sharded: a peak of
-  max(4P + file, 8P) bytes per rank (LoRA: 4P + file). A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
+  fp32, a bound on one read). Otherwise (one process, training from scratch, a
+  distillation student, which starts from its teacher) the code builds the whole fp32 model on
+  every rank, reads an `init_from` file whole and deep-copies the EMA before anything is
+  sharded: a peak of max(4P + file, 8P) bytes per rank. A LoRA base is the file's tensors
+  themselves (bf16 at 12B), cast only when the run computes in another dtype: the file's
+  bytes, plus pb P then. A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
 Not counted: the CUDA context and the allocator's reserve (plan 1-3 GB per GPU for them), the
 data loader, and compile's workspaces. `tests/test_memory_plan.py` checks the counts against
 tensors measured on models this machine can run.
@@ -202,8 +204,10 @@ def plan(cfg: PlanConfig) -> Plan:
         out.host_per_rank = 4 * out.largest_tensor
     else:
         file_bytes = 2 * out.params if cfg.init_from else 0
-        whole_ema = cfg.ema and not cfg.lora_rank  # a LoRA run averages its adapters alone
-        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if whole_ema else 4 * out.params)
+        if cfg.lora_rank and cfg.init_from:  # the base holds the file's (bf16) tensors, cast once if need be
+            out.host_per_rank = file_bytes + (pb * out.params if pb != 2 else 0)
+        else:
+            out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
     out.host_per_rank += 4 * out.params if cfg.teacher else 0
     out.host = out.host_per_rank * min(cfg.gpus_per_host, n)
     return out

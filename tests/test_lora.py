@@ -338,3 +338,17 @@ def test_quantized_base_needs_one_process(base_file):
         stage.configure_model()
     with pytest.raises(KontextError, match="adapter.quantize_base"):
         lora_options({"quantize_base": "int4"})
+
+
+def test_base_is_built_from_the_file_in_its_dtype(base_file, tmp_path):
+    """A LoRA stage holds the file's tensors (a bf16 file: a bf16 base, no fp32 copy while it
+    builds); adapters are fp32; an fp32 run casts the base up in configure_model."""
+    bf16_file = save_flux(load_flux(base_file, dtype=torch.bfloat16), tmp_path / "base_bf16.safetensors")
+    stage = lora_stage(bf16_file)
+    dtypes = {n: p.dtype for n, p in stage.model.named_parameters()}
+    assert all(d == (torch.float32 if ".lora_" in n else torch.bfloat16) for n, d in dtypes.items())
+    stage._trainer = SimpleNamespace(precision="32-true", strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    stage.configure_model()
+    assert {p.dtype for p in stage.model.parameters()} == {torch.float32}
+    assert torch.equal(stage.model.get_submodule("img_in").weight, load_flux(bf16_file).img_in.weight.float())
+    assert torch.isfinite(loss_of(stage.model))

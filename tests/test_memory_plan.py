@@ -87,6 +87,7 @@ def test_twelve_billion_plan_counts_the_reference_model():
                            encoders_on_gpu=False))
     assert 0 < lora.trained < result.params / 100
     assert lora.gpu["weights (sharded)"] == 2 * lora.params + 4 * lora.trained
+    assert lora.host_per_rank == 2 * lora.params  # the base is the bf16 file's tensors, no fp32 build
 
 
 def test_cli_prints_a_table():

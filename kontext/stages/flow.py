@@ -104,15 +104,17 @@ class FlowStage(L.LightningModule):
         # Fine-tuning under FSDP: the model and its EMA are built on `meta` and receive only their
         # shards of `init_from` in configure_model (kontext.weights.load_slices).
         self.meta_built = bool(init_from) and self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
-        with torch.device("meta") if self.meta_built else contextlib.nullcontext():
-            self.model = Flux(model)
-        if self.meta_built:
-            check_file(self.model, init_from, CHECKPOINT_PREFIXES, f"stage.init_from {init_from}")
-        elif init_from:
-            self.model.load_state_dict(load_flux(init_from, model).state_dict())
-        if self.lora_cfg is not None:
+        if self.lora_cfg is not None:  # the frozen base holds the file's tensors (their dtype: bf16 at 12B)
+            self.model = load_flux(init_from, model)
             add_adapters(self.model, self.lora_cfg)
             checkpoint_adapters_only(self)  # the base is `init_from`, rebuilt on every start
+        else:
+            with torch.device("meta") if self.meta_built else contextlib.nullcontext():
+                self.model = Flux(model)
+            if self.meta_built:
+                check_file(self.model, init_from, CHECKPOINT_PREFIXES, f"stage.init_from {init_from}")
+            elif init_from:
+                self.model.load_state_dict(load_flux(init_from, model).state_dict())
         self.ema = EMA(self.model, decay=ema_decay, trainable_only=self.lora_cfg is not None)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
@@ -166,7 +168,7 @@ class FlowStage(L.LightningModule):
                 self.ema.copy_from(self.model)
         else:
             self.base_dtype = self.compute_dtype(mesh)
-            freeze_base(self.model, self.base_dtype)
+            freeze_base(self.model, self.base_dtype or torch.float32)
             if self.lora_cfg["quantize_base"]:
                 if mesh is not None:
                     raise KontextError(f"adapter.quantize_base={self.lora_cfg['quantize_base']} trains in one process; "
