@@ -101,8 +101,14 @@ class Artifact:
         base = OmegaConf.select(self.run_config, "stage.init_from", default=None)
         if not base or not Path(str(base)).is_file():
             raise KontextError(f"{self.path} is a LoRA run whose base stage.init_from={base} is not there")
-        return merge(load_flux(str(base), self.params), adapters_from_state(adapters, alpha),
-                     what=f"the adapters ({what})")
+        model = load_flux(str(base), self.params)
+        if kind := OmegaConf.select(self.run_config, "stage.lora.quantize_base", default=None):
+            # the weights the adapters trained with, as the run's own export has them
+            from kontext.lora import precision_dtype, rounded_as_trained
+
+            rounded_as_trained(model, kind, precision_dtype(OmegaConf.select(self.run_config, "trainer.precision",
+                                                                             default="32-true")))
+        return merge(model, adapters_from_state(adapters, alpha), what=f"the adapters ({what})")
 
 
 def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,

@@ -154,7 +154,7 @@ KEYS: dict[str, object] = {
     "data.max_aspect": Num(1, real=True),
     "data.size": Num(16),
     "data.mode": Choice(("resampled", "exact")),
-    "data.reference_size": Choice(REFERENCE_SIZES),
+    "data.reference_size": Choice((*REFERENCE_SIZES, "bucket")),  # bucket: strict's former name
     "data.reference_area": Num(256, null=True),
     "data.payload": Choice(("image", "features")),
     "data.t2i_fraction": FRACTION,

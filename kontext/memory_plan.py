@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{name} must be at least 1, got {value}")
     if a.resolution < 16 or a.resolution % 16 or a.contexts < 0 or a.lora_rank < 0:
         parser.error("--resolution must be a positive multiple of 16; --contexts and --lora-rank at least 0")
-    if a.quantize_base and not a.lora_rank:
-        parser.error("--quantize-base quantises a LoRA run's frozen base: give --lora-rank too")
+    if a.quantize_base and (not a.lora_rank or a.gpus > 1):
+        parser.error("--quantize-base quantises a one-GPU LoRA run's frozen base: give --lora-rank and --gpus 1")
     try:
         get_params(a.model)
     except KeyError as e:

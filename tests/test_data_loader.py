@@ -152,7 +152,8 @@ def test_strict_reference_gets_the_targets_crop(tmp_path):
 
 def test_reference_size_is_checked():
     with pytest.raises(ValueError, match="reference_size"):
-        StreamConfig(reference_size="bucket")
+        StreamConfig(reference_size="own")
+    assert StreamConfig(reference_size="bucket").reference_size == "strict"  # its former name
     with pytest.raises(ValueError, match="reference_area"):
         StreamConfig(reference_size="loose", reference_area=100)
 

@@ -336,6 +336,11 @@ def test_quantized_base_needs_one_process(base_file):
     stage._trainer = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.raises(KontextError, match="quantize_base=int8 trains in one process"):
         stage.configure_model()
+    ddp = lora_stage(base_file, quantize_base="int8")  # several ranks without FSDP (DDP): refused too
+    ddp._trainer = SimpleNamespace(precision="bf16-mixed", world_size=2,
+                                   strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(KontextError, match="use trainer=fsdp"):
+        ddp.configure_model()
     with pytest.raises(KontextError, match="adapter.quantize_base"):
         lora_options({"quantize_base": "int4"})
 
@@ -352,3 +357,39 @@ def test_base_is_built_from_the_file_in_its_dtype(base_file, tmp_path):
     assert {p.dtype for p in stage.model.parameters()} == {torch.float32}
     assert torch.equal(stage.model.get_submodule("img_in").weight, load_flux(bf16_file).img_in.weight.float())
     assert torch.isfinite(loss_of(stage.model))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_quantized_base_keeps_no_dequantised_weight_for_backward(base_file, precision):
+    """Backward through a quantised base layer dequantises its weight again: the forward keeps
+    for backward what it keeps over the plain base, and the adapters' gradients are those of
+    torchao's own linear (which keeps a dequantised copy of every weight)."""
+    pytest.importorskip("torchao")
+    import copy
+
+    from kontext import parallel
+    from kontext.lora import FrozenQuantizedLinear
+
+    bf16 = precision.startswith("bf16")
+    plain, stage = lora_stage(base_file), _quantized_stage(base_file, "int8", precision=precision)
+    plain._trainer = stage._trainer
+    plain.configure_model()
+    theirs = copy.deepcopy(stage.model)
+    for m in theirs.modules():
+        if isinstance(m, FrozenQuantizedLinear):
+            m.__class__ = torch.nn.Linear
+    kept = {}
+    for name, model in (("plain", plain.model), ("ours", stage.model), ("theirs", theirs)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            kept[name] = parallel.retained_bytes(lambda model=model: loss_of(model))
+    assert kept["ours"] == kept["plain"] < kept["theirs"]
+    losses = []
+    for model in (stage.model, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses.append(loss_of(model))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [{n: p.grad for n, p in model.named_parameters() if p.grad is not None} for model in (stage.model, theirs)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 40
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-2 if bf16 else 1e-5, atol=1e-4 if bf16 else 1e-6, msg=name)

@@ -100,7 +100,9 @@ def test_cli_prints_a_table():
 
 @pytest.mark.parametrize("bad, says", [(["--gpus", "0"], "--gpus must be at least 1"),
                                        (["--resolution", "100"], "positive multiple of 16"),
-                                       (["--model", "nope"], "unknown FLUX preset 'nope'")])
+                                       (["--model", "nope"], "unknown FLUX preset 'nope'"),
+                                       (["--quantize-base", "int8", "--gpus", "8", "--lora-rank", "16"],
+                                        "give --lora-rank and --gpus 1")])
 def test_cli_refuses_bad_values_in_one_line(bad, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         memory_plan.main(bad)

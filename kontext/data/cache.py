@@ -301,7 +301,7 @@ def bucket_resolution(max_area: int, max_aspect: float = 4.0, reference_size: st
     references keep the name they had before loose ones existed ("bucket"), so caches built then
     stay valid; a reference area other than the bucket's is named."""
     out = f"max_area={int(max_area)},max_aspect={float(max_aspect)},"
-    if reference_size == "strict":
+    if reference_size in ("strict", "bucket"):
         return out + "reference_size=bucket"
     out += f"reference_size={reference_size}"
     if reference_area is not None and int(reference_area) != int(max_area):

@@ -40,8 +40,9 @@ class StreamConfig:
     mode: str = "resampled"  # "resampled": shards drawn with replacement; "exact": each sample once
     max_area: int = 64 * 64  # bucket area in pixels
     max_aspect: float = 4.0
-    # "strict": the target's bucket and crop | "loose": own aspect ratio under `reference_area` |
-    # "preferred": the Kontext resolution nearest its aspect ratio, scaled to `reference_area`
+    # "strict" (alias "bucket"): the target's bucket, fitted as the target is (the target's crop when
+    # the aspect ratios agree) | "loose": own aspect ratio under `reference_area` | "preferred": the
+    # Kontext resolution nearest its aspect ratio, scaled to `reference_area` (unused by strict)
     reference_size: str = "strict"
     reference_area: int | None = None  # pixels of a loose or preferred reference; None: max_area
     t2i_fraction: float = 0.0  # edit samples whose references are dropped
@@ -57,6 +58,8 @@ class StreamConfig:
     max_pixels: int | None = MAX_PIXELS  # larger images are skipped from their header ("image too large")
 
     def __post_init__(self):
+        if self.reference_size == "bucket":  # its name before loose references existed
+            self.reference_size = "strict"
         checks = {"mode": ("resampled", "exact"), "reference_size": REFERENCE_SIZES,
                   "payload": ("image", "features")}
         for name, allowed in checks.items():

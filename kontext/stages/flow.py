@@ -39,6 +39,7 @@ from kontext.lora import (
     dequantize_base,
     freeze_base,
     lora_options,
+    precision_dtype,
     quantize_base,
     seeded_rng,
     swapped_in,
@@ -170,9 +171,10 @@ class FlowStage(L.LightningModule):
             self.base_dtype = self.compute_dtype(mesh)
             freeze_base(self.model, self.base_dtype or torch.float32)
             if self.lora_cfg["quantize_base"]:
-                if mesh is not None:
+                if mesh is not None or getattr(self._trainer, "world_size", 1) > 1:
                     raise KontextError(f"adapter.quantize_base={self.lora_cfg['quantize_base']} trains in one process; "
-                                       "under FSDP the bf16 base is sharded instead (adapter.quantize_base=null)")
+                                       "on several GPUs use trainer=fsdp, which shards the bf16 base instead "
+                                       "(adapter.quantize_base=null)")
                 quantize_base(self.model, self.lora_cfg["quantize_base"])
             parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
             self.ema.shard_like(self.model)
@@ -195,8 +197,7 @@ class FlowStage(L.LightningModule):
         if mesh is not None and mesh.size() > 1:
             dtype = getattr(torch, self.parallel_cfg.param_dtype)
             return None if dtype == torch.float32 else dtype
-        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
-        return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+        return precision_dtype(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
 
     def noise_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
         """The generator of one micro-batch's noise and times, seeded from (run seed, data-parallel
