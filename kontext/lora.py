@@ -160,7 +160,7 @@ def is_quantized(weight) -> bool:
         from torchao.utils import TorchAOBaseTensor
     except ImportError:
         return False
-    return isinstance(weight, TorchAOBaseTensor) and hasattr(weight, "qdata") and hasattr(weight, "dequantize")
+    return isinstance(weight, TorchAOBaseTensor) and hasattr(weight, "qdata")
 
 
 class _FrozenQuantizedMatmul(torch.autograd.Function):

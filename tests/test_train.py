@@ -209,7 +209,7 @@ def test_flow_stage_loss_is_zero_exactly_for_the_true_velocity(offset):
 
 
 def test_lr_factor_warms_up_then_decays_to_the_floor():
-    from kontext.stages.flow import lr_factor
+    from kontext.stages.schedule import lr_factor
 
     kw = {"warmup": 10, "total": 110, "floor": 0.1}
     assert lr_factor(0, **kw) == pytest.approx(0.1) and lr_factor(9, **kw) == pytest.approx(1.0)
@@ -230,7 +230,8 @@ def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkey
     from lightning.pytorch.callbacks import Timer
 
     from kontext.model import FLUX_PRESETS
-    from kontext.stages.flow import FlowStage, lr_factor
+    from kontext.stages.flow import FlowStage
+    from kontext.stages.schedule import lr_factor
 
     stage = FlowStage(FLUX_PRESETS["tiny"], optimizer={"warmup_steps": 10, "decay_by": decay_by})
     trainer = L.Trainer(max_steps=110, max_time="00:00:10:00", logger=False, enable_checkpointing=False,

@@ -301,7 +301,7 @@ def bucket_resolution(max_area: int, max_aspect: float = 4.0, reference_size: st
     references keep the name they had before loose ones existed ("bucket"), so caches built then
     stay valid; a reference area other than the bucket's is named."""
     out = f"max_area={int(max_area)},max_aspect={float(max_aspect)},"
-    if reference_size in ("strict", "bucket"):
+    if reference_size == "strict":
         return out + "reference_size=bucket"
     out += f"reference_size={reference_size}"
     if reference_area is not None and int(reference_area) != int(max_area):
@@ -333,7 +333,7 @@ def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_s
     stream = StreamConfig(batch_size=batch_size, mode="exact", max_area=max_area, max_aspect=max_aspect,
                           reference_size=reference_size, reference_area=reference_area, shuffle_shards=False,
                           shuffle_buffer=0, payload="image")
-    resolution = bucket_resolution(max_area, max_aspect, reference_size, reference_area)
+    resolution = bucket_resolution(max_area, max_aspect, stream.reference_size, reference_area)  # "bucket" read as strict
     return build_cache(path, lambda: WorkerStream(urls, stream, epoch=0, slot=0, slots=1), autoencoder, text,
                        resolution=resolution, source=shards_digest(urls), dtype=dtype,
                        samples_per_shard=samples_per_shard, overwrite=overwrite)

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from kontext import flow, packing, parallel
@@ -47,10 +44,10 @@ from kontext.lora import (
 )
 from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, load_flux
 from kontext.parallel import ParallelConfig
+from kontext.stages.schedule import adamw_with_schedule
 from kontext.stages.teacher import shard_teacher
 from kontext.weights import check_file, load_slices
 
-DECAYS = ("cosine", "linear", "none")
 # The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
 # tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
 OPTIMIZER = {"lr": 4e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100, "decay": "cosine",
@@ -58,23 +55,6 @@ OPTIMIZER = {"lr": 4e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_step
 TIME_SAMPLING = {"sigma": 1.0, "mu": "auto"}
 VALIDATION = {"every_n_steps": 0, "cases_per_op": 8, "steps": 8}
 EMA_DECAY = 0.995
-
-
-def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,
-              time_progress: float = 0.0) -> float:
-    """The learning-rate multiplier at `step`: linear warm-up over `warmup` steps, then `kind`
-    (cosine | linear | none) decay to `floor`. Decay progress is the share of the steps after
-    warm-up that are done, or `time_progress` (the share of a time budget spent) when larger."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(max((step - warmup) / max(total - warmup, 1), time_progress), 1.0)
-    if kind == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    if kind == "none":
-        return 1.0
-    raise ValueError(f"optimizer.decay must be one of {DECAYS}, got {kind!r}")
 
 
 class FlowStage(L.LightningModule):
@@ -315,35 +295,7 @@ class FlowStage(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW over `param_groups()`, with one warm-up-then-decay schedule for every group."""
-        cfg = self.optim_cfg
-        groups = self.param_groups()
-        # The fused kernel: one pass over all tensors (5x faster than the per-tensor loop on CPU).
-        # Lightning's autocast plugin refuses gradient clipping with it, so there: foreach.
-        amp = isinstance(getattr(self.trainer, "precision_plugin", None), MixedPrecision)
-        fused = not amp and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                **({"fused": True} if fused else {"foreach": True}))
-        if cfg["decay"] not in DECAYS:
-            raise KontextError(f"optimizer.decay must be one of {DECAYS}, got {cfg['decay']!r}")
-        if cfg["decay_by"] not in ("steps", "max_time"):
-            raise KontextError(f"optimizer.decay_by must be steps or max_time, got {cfg['decay_by']!r}")
-        total = max(int(self.trainer.max_steps), 1)
-        timer = None  # the trainer's max_time clock; without one, decay_by=max_time counts steps alone
-        if cfg["decay_by"] == "max_time":
-            timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-
-        def factor(step: int) -> float:
-            time_progress = 0.0
-            if timer is not None:
-                elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
-                time_progress = elapsed / max(elapsed + (left or 0.0), 1e-9)
-                if self.trainer.world_size > 1:  # every rank takes rank 0's clock: one lr everywhere
-                    time_progress = float(self.trainer.strategy.broadcast(time_progress, src=0))
-            return lr_factor(step, warmup=int(cfg["warmup_steps"]), total=total, kind=cfg["decay"],
-                             floor=float(cfg["min_lr_ratio"]), time_progress=time_progress)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.param_groups(), self.optim_cfg, self.trainer)
 
     # -- evaluation ------------------------------------------------------------------------
     def pipeline(self, use_ema: bool = True):
