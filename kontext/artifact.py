@@ -42,6 +42,8 @@ from kontext.model import Flux, FluxParams
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from kontext.slices import Rows
+
 EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `state_dict.`
 RAW_PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the command's --dtype
@@ -133,6 +135,39 @@ def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | 
     return _read_checkpoint(path, config, raw, weights)
 
 
+def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = None,
+                raw: bool = False) -> tuple[FluxParams, Rows] | None:
+    """The architecture of `source` (as `read_artifact` reads it) and a reader of its weights'
+    rows (:mod:`kontext.slices`) that has read no tensor yet: a model sharded on `meta` takes
+    only its rows from it. None for a LoRA run, whose weights are a merge computed whole."""
+    from kontext.model import CHECKPOINT_PREFIXES, get_params
+    from kontext.slices import FileRows, FolderRows, TensorRows
+
+    kind, path, config = locate(source)
+    if kind == "file":
+        if params is None:
+            from kontext.model import PARAMS_METADATA_KEY
+            from kontext.weights import WeightsError, read_metadata
+
+            meta = read_metadata(path)
+            if PARAMS_METADATA_KEY not in meta:
+                raise WeightsError(f"{path} records no FluxParams; pass params (e.g. 'flux-dev-kontext')")
+            params = FluxParams(**json.loads(meta[PARAMS_METADATA_KEY]))
+        return get_params(params), FileRows(path, CHECKPOINT_PREFIXES)
+    if kind == "export":
+        return _export_params(path, read_export_config(path)), FileRows(path / "transformer.safetensors",
+                                                                        CHECKPOINT_PREFIXES)
+    artifact = _read_checkpoint(path, config, raw, weights=False)
+    if artifact.lora is not None:
+        return None
+    prefix = "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX)
+    if path.is_dir():
+        return artifact.params, FolderRows(path, prefix)
+    from kontext.checkpoint import consolidate
+
+    return artifact.params, TensorRows(consolidate(path, prefix))  # memory-mapped: rows are read as touched
+
+
 def locate(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
            config: str | os.PathLike | None = None) -> tuple[str, Path, Path | None]:
     """What `read_artifact(source, checkpoint=, config=)` reads: ("file", the .safetensors, None),
@@ -221,14 +256,18 @@ def read_export_config(folder: Path) -> dict:
     return cfg
 
 
+def _export_params(folder: Path, cfg: dict) -> FluxParams:
+    try:
+        return FluxParams(**cfg["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise KontextError(f"{folder}/config.json has unusable model params: {first_line(err)}") from err
+
+
 def _read_export(folder: Path, device: str | torch.device) -> Artifact:
     from kontext.model import read_flux
 
     cfg = read_export_config(folder)
-    try:
-        params = FluxParams(**cfg["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise KontextError(f"{folder}/config.json has unusable model params: {first_line(err)}") from err
+    params = _export_params(folder, cfg)
     _, weights = read_flux(folder / "transformer.safetensors", params, device=device)
     return Artifact(params, weights, None, folder, export_config=cfg, config_path=folder / "config.json")
 

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from kontext.layers import (
     EmbedND,
     LastLayer,
     MLPEmbedder,
+    RMSNorm,
     SingleStreamBlock,
     timestep_embedding,
 )
@@ -134,25 +136,31 @@ class Flux(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialisation for training from scratch (DiT / adaLN-Zero)."""
-        if any(p.is_meta for p in self.parameters()):
-            return
+    def init_weights(self, each: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
+        """Initialisation for training from scratch (DiT / adaLN-Zero). `each(tensor, init)` applies
+        one in-place initialiser to one tensor (default: `init(tensor)`; a model built on `meta` is
+        left alone unless `each` is given, e.g. `kontext.slices.init_rows` once it is sharded)."""
+        if each is None:
+            if any(p.is_meta for p in self.parameters()):
+                return
+            each = _apply
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                each(m.weight, nn.init.xavier_uniform_)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    each(m.bias, nn.init.zeros_)
+            elif isinstance(m, RMSNorm):
+                each(m.scale, nn.init.ones_)
         embedders = [self.time_in, self.vector_in] + ([self.guidance_in] if self.params.guidance_embed else [])
         for emb in embedders:
-            nn.init.normal_(emb.in_layer.weight, std=0.02)
-            nn.init.normal_(emb.out_layer.weight, std=0.02)
+            each(emb.in_layer.weight, _normal_002)
+            each(emb.out_layer.weight, _normal_002)
         zero = [blk.img_mod.lin for blk in self.double_blocks] + [blk.txt_mod.lin for blk in self.double_blocks]
         zero += [blk.modulation.lin for blk in self.single_blocks]
         zero += [self.final_layer.adaLN_modulation[1], self.final_layer.linear]
         for lin in zero:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+            each(lin.weight, nn.init.zeros_)
+            each(lin.bias, nn.init.zeros_)
 
     def forward(
         self,
@@ -203,6 +211,34 @@ class Flux(nn.Module):
         img = x if self.single_blocks else x[:, rows]
 
         return self.final_layer(img, vec)  # (B, n_out, out_channels)
+
+
+def _apply(tensor: Tensor, init: Callable[[Tensor], object]) -> None:
+    init(tensor)
+
+
+def _normal_002(tensor: Tensor) -> None:
+    nn.init.normal_(tensor, std=0.02)
+
+
+@torch.no_grad()
+def init_like_construction(model: Flux, each: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
+    """What `Flux(params)` does to the random generator and to the weights, on a model built
+    elsewhere (on `meta`, then sharded and materialised): the draws of each `nn.Linear`'s own
+    initialisation at construction, in construction order, then `init_weights(each)`. Without
+    `each` nothing is written (the draws land in scratch tensors): the generator is only
+    advanced as construction would have advanced it. The one-process values and generator
+    state follow whatever the model is built on (a test checks it against `Flux(params)`)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):  # kaiming-uniform weight, uniform bias: one draw per element
+            torch.empty(m.weight.shape, dtype=m.weight.dtype).uniform_()
+            if m.bias is not None:
+                torch.empty(m.bias.shape, dtype=m.bias.dtype).uniform_()
+    model.init_weights(each or _scratch)
+
+
+def _scratch(tensor: Tensor, init: Callable[[Tensor], object]) -> None:
+    init(torch.empty(tensor.shape, dtype=tensor.dtype))
 
 
 @contextlib.contextmanager

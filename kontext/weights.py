@@ -9,7 +9,6 @@ computed from their shapes first), in the layout safetensors' own writer gives t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,7 +50,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Drop the first of `prefixes` that every key starts with (e.g. `model.diffusion_model.`)."""
-    prefix = _file_key_prefix(list(sd), prefixes)
+    prefix = file_key_prefix(list(sd), prefixes)
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 
@@ -171,64 +170,6 @@ def save_safetensors_streamed(
     return path
 
 
-def _file_key_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
+def file_key_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
     """The first of `prefixes` that every key starts with ('' if none): what `strip_prefix` drops."""
     return next((p for p in prefixes if keys and all(k.startswith(p) for k in keys)), "")
-
-
-@contextlib.contextmanager
-def _opened(path: str | os.PathLike):
-    """A safetensors file opened for header and slice reads, with clear errors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weight file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"cannot read {path} as safetensors: {err}") from err
-
-
-def _checked_prefix(f, module: nn.Module, prefixes: tuple[str, ...], what: str) -> str:
-    """`check_state_dict` on an open file's header (no tensor read); the key prefix the file adds."""
-    prefix = _file_key_prefix(list(f.keys()), prefixes)
-    shapes = {k[len(prefix):]: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    check_state_dict(module, shapes, what)
-    return prefix
-
-
-def check_file(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str, ...] = (),
-               what: str = "weights") -> str:
-    """Check a safetensors file's tensor names and shapes against `module` from its header alone
-    (`check_state_dict`'s errors; no tensor is read). Returns the key prefix the file adds."""
-    with _opened(path) as f:
-        return _checked_prefix(f, module, prefixes, what)
-
-
-def load_slices(module: nn.Module, path: str | os.PathLike, prefixes: tuple[str, ...] = (),
-                what: str = "weights") -> nn.Module:
-    """Fill `module`'s parameters and buffers from a safetensors file, each with only the part this
-    process holds: the rows of its shard for an FSDP2 (DTensor) parameter, the whole tensor
-    otherwise. Nothing else of the file is read (safetensors slices are read from the mapped file),
-    so no process holds a whole copy of a sharded model. Names and shapes are checked against the
-    header first (`check_state_dict`'s errors); values are cast to the module's dtypes."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    with _opened(path) as f, torch.no_grad():
-        prefix = _checked_prefix(f, module, prefixes, what)
-        for name, target in module.state_dict(keep_vars=True).items():
-            piece = f.get_slice(prefix + name)
-            if not isinstance(target, DTensor):
-                target.copy_(piece[:])
-                continue
-            if tuple(target.placements) != (Shard(0),):
-                raise WeightsError(f"{name}: only shards along the first dimension load by slices, "
-                                   f"got {target.placements}")
-            # FSDP2 splits dim 0 as torch.chunk does: ceil(n / ranks) rows each, the last ones fewer or none.
-            local, mesh = target.to_local(), target.device_mesh
-            start = mesh.get_local_rank() * -(-target.shape[0] // mesh.size())
-            if local.shape[0]:
-                local.copy_(piece[start:start + local.shape[0]])
-    return module

@@ -59,12 +59,17 @@ def _teacher_lines(log: str) -> list[tuple[str, float, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["embedded_guidance_distill", "embedded_ladd"])
 def test_teacher_is_sharded_under_fsdp_and_changes_no_loss(setting, tmp_path, experiment):
+    """Under FSDP the student and its EMA are built on `meta` and the teacher is read by rows, each
+    rank reading only its shard: the same losses as whole copies, read whole, on each rank."""
     sharded = _distill(setting, experiment, tmp_path / "sharded")
-    whole = _distill(setting, experiment, tmp_path / "whole", "parallel.shard_teacher=false")
+    whole = _distill(setting, experiment, tmp_path / "whole", "parallel.shard_teacher=false",
+                     "parallel.meta_build=false")
     lines = _teacher_lines(sharded)
     assert lines and not _teacher_lines(whole), sharded[-2000:]
+    assert sharded.count("(each rank reads its rows)") == 2 and "read whole" not in sharded, sharded[-2000:]
     for dtype, held, total in lines:  # fp32, half of the teacher on each rank
         assert dtype == "float32" and abs(held - total / 2) <= 0.02 * total, lines
+    assert "meta_build: true" in (tmp_path / "sharded" / "config.yaml").read_text()
     a, b = _losses(tmp_path / "sharded"), _losses(tmp_path / "whole")
     print(f"\n{experiment}: teacher per rank {lines[0][1]:.2f} of {lines[0][2]:.2f} MiB (fp32, 2 ranks); "
           f"losses sharded {a}, whole {b}")

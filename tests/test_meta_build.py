@@ -118,14 +118,25 @@ def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
         FlowStage(get_params("tiny"), init_from=str(path), parallel=ParallelConfig(meta_build=True))
 
 
-def _slices_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
+def _rows(kind: str, path: str):
+    from kontext import slices
+    from kontext.checkpoint import consolidate
+
+    if kind == "file":
+        return slices.FileRows(path)
+    if kind == "ckpt":  # a training checkpoint's tensors, memory-mapped
+        return slices.TensorRows(consolidate(path, "state_dict.ema.model."))
+    return slices.FolderRows(path, "state_dict.ema.model.")
+
+
+def _slices_worker(rank: int, world: int, port: int, kind: str, path: str, out: str) -> None:
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
+    from kontext import slices
     from kontext.ema import EMA
     from kontext.parallel import cpu_mesh
-    from kontext.weights import load_slices
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -138,7 +149,7 @@ def _slices_worker(rank: int, world: int, port: int, path: str, out: str) -> Non
                 fully_shard(layer, mesh=cpu_mesh())
             fully_shard(m, mesh=cpu_mesh())
             m.to_empty(device="cpu")
-        load_slices(model, path)
+        slices.fill(model, _rows(kind, path))
         ema.copy_from(model)
         gathered = [{k: v.full_tensor() for k, v in m.state_dict().items()} for m in (model, ema.model)]
         if rank == 0:
@@ -147,9 +158,12 @@ def _slices_worker(rank: int, world: int, port: int, path: str, out: str) -> Non
         dist.destroy_process_group()
 
 
-def test_slices_fill_uneven_and_empty_shards(tmp_path):
+@pytest.mark.parametrize("kind", ["file", "ckpt", "folder"])
+def test_slices_fill_uneven_and_empty_shards(tmp_path, kind):
     """Three ranks and first dimensions that do not divide by three (one rank holds no row of some
-    tensors): every rank reads its rows, and the gathered model and EMA are the file."""
+    tensors): every rank reads its rows, from a safetensors file, a training checkpoint file or a
+    sharded checkpoint folder, and the gathered model and EMA are the stored weights."""
+    import torch.distributed.checkpoint as dcp
     import torch.multiprocessing as mp
     from test_parallel import _free_port
     from torch import nn
@@ -158,8 +172,56 @@ def test_slices_fill_uneven_and_empty_shards(tmp_path):
 
     torch.manual_seed(2)
     want = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2), nn.Linear(2, 1)).state_dict()
-    save_safetensors(want, tmp_path / "w.safetensors")
-    mp.start_processes(_slices_worker, args=(3, _free_port(), str(tmp_path / "w.safetensors"), str(tmp_path / "out.pt")),
+    path = tmp_path / {"file": "w.safetensors", "ckpt": "w.ckpt", "folder": "w"}[kind]
+    if kind == "file":
+        save_safetensors(want, path)
+    elif kind == "ckpt":
+        torch.save({"state_dict": {f"ema.model.{k}": v for k, v in want.items()}, "global_step": 1}, path)
+    else:
+        dcp.save({f"state_dict.ema.model.{k}": v for k, v in want.items()}, checkpoint_id=str(path), no_dist=True)
+    mp.start_processes(_slices_worker, args=(3, _free_port(), kind, str(path), str(tmp_path / "out.pt")),
                        nprocs=3, start_method="fork")
     for got in torch.load(tmp_path / "out.pt"):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _init_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from kontext import parallel, slices
+    from kontext.model import init_like_construction
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(4)
+        with torch.device("meta"):
+            model = Flux(get_params("tiny"))
+        built = torch.get_rng_state()
+        init_like_construction(model)  # the generator as Flux(params) leaves it
+        after = torch.get_rng_state()
+        parallel.shard(model, parallel.cpu_mesh())
+        model.to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(built)
+            init_like_construction(model, slices.init_rows)
+        gathered = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save((gathered, after), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_initialised_shard_by_shard_is_the_one_process_model(tmp_path):
+    """From scratch under FSDP: built on `meta`, sharded over 3 ranks, each rank initialising only
+    its rows; gathered, the weights and the random generator's state are those `Flux(params)`
+    leaves in one process with the same seed."""
+    import torch.multiprocessing as mp
+    from test_parallel import _free_port
+
+    mp.start_processes(_init_worker, args=(3, _free_port(), str(tmp_path / "out.pt")), nprocs=3, start_method="fork")
+    got, after = torch.load(tmp_path / "out.pt")
+    torch.manual_seed(4)
+    want = Flux(get_params("tiny")).state_dict()
+    assert torch.equal(after, torch.get_rng_state())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

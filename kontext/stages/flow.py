@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from kontext import flow, packing, parallel
+from kontext import flow, packing, parallel, slices
 from kontext.config_check import options
 from kontext.ema import EMA, mirror
 from kontext.errors import KontextError
@@ -42,11 +42,10 @@ from kontext.lora import (
     swapped_in,
     unwrap,
 )
-from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, load_flux
+from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, init_like_construction, load_flux
 from kontext.parallel import ParallelConfig
+from kontext.slices import FileRows
 from kontext.stages.schedule import adamw_with_schedule
-from kontext.stages.teacher import shard_teacher
-from kontext.weights import check_file, load_slices
 
 # The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
 # tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
@@ -58,6 +57,8 @@ EMA_DECAY = 0.995
 
 
 class FlowStage(L.LightningModule):
+    teacher = None  # the distillation stages' frozen teacher (kontext.stages.teacher.Teacher)
+
     def __init__(
         self,
         model: FluxParams,
@@ -82,19 +83,23 @@ class FlowStage(L.LightningModule):
             raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors> "
                                "(a fresh model starts as the identity, which gives adapters no gradient)")
         self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
-        # Fine-tuning under FSDP: the model and its EMA are built on `meta` and receive only their
-        # shards of `init_from` in configure_model (kontext.weights.load_slices).
-        self.meta_built = bool(init_from) and self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
+        # Under FSDP (`parallel.meta_build`) the model and its EMA are built on `meta`; each rank
+        # materialises its shards in configure_model and fills only them (`initialise_shards`).
+        self.meta_built = self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
         if self.lora_cfg is not None:  # the frozen base holds the file's tensors (their dtype: bf16 at 12B)
             self.model = load_flux(init_from, model)
             add_adapters(self.model, self.lora_cfg)
             checkpoint_adapters_only(self)  # the base is `init_from`, rebuilt on every start
-        else:
-            with torch.device("meta") if self.meta_built else contextlib.nullcontext():
+        elif self.meta_built:
+            with torch.device("meta"):
                 self.model = Flux(model)
-            if self.meta_built:
-                check_file(self.model, init_from, CHECKPOINT_PREFIXES, f"stage.init_from {init_from}")
-            elif init_from:
+            self._construction_rng = torch.get_rng_state()
+            init_like_construction(self.model)  # the random generator left as Flux(model) leaves it
+            if init_from:
+                slices.check(self.model, FileRows(init_from, CHECKPOINT_PREFIXES), f"stage.init_from {init_from}")
+        else:
+            self.model = Flux(model)
+            if init_from:
                 self.model.load_state_dict(load_flux(init_from, model).state_dict())
         self.ema = EMA(self.model, decay=ema_decay, trainable_only=self.lora_cfg is not None)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
@@ -142,9 +147,9 @@ class FlowStage(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         if self.lora_cfg is None:
             parallel.parallelize(self.model, self.parallel_cfg, mesh, ema=self.ema.model, device=device)
-            if self.meta_built:  # each rank materialises its shards and reads only their rows
+            if self.meta_built:  # each rank materialises its shards and fills only their rows
                 self.model.to_empty(device=device or "cpu")
-                load_slices(self.model, self.init_from, CHECKPOINT_PREFIXES, f"stage.init_from {self.init_from}")
+                self.initialise_shards()
                 self.ema.model.to_empty(device=device or "cpu")
                 self.ema.copy_from(self.model)
         else:
@@ -162,9 +167,20 @@ class FlowStage(L.LightningModule):
             for enc in (self.autoencoder, self.text):
                 if isinstance(enc, torch.nn.Module):
                     parallel.shard_frozen(enc, mesh)
-        teacher = self._frozen.get("teacher")  # the distillation stages' (kontext.stages.teacher)
-        if teacher is not None and mesh is not None and self.parallel_cfg.shard_teacher:
-            shard_teacher(teacher, mesh, self.compute_dtype(mesh) or torch.float32)
+        if self.teacher is not None:  # the distillation stages' (read here if their setup only planned it)
+            self._frozen["teacher"] = self.teacher.place(mesh, self.compute_dtype(mesh) or torch.float32,
+                                                         device or "cpu", shard=self.parallel_cfg.shard_teacher)
+
+    def initialise_shards(self) -> None:
+        """The starting weights of a model built on `meta`, now materialised (sharded or not):
+        this rank's rows of `init_from`, else the values `Flux(params)` would have drawn in one
+        process (from the generator's state at construction)."""
+        if self.init_from:
+            slices.fill(self.model, FileRows(self.init_from, CHECKPOINT_PREFIXES), f"stage.init_from {self.init_from}")
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._construction_rng)
+            init_like_construction(self.model, slices.init_rows)
 
     def sharding_mesh(self):
         """The data-parallel mesh when FSDP shards over several ranks, else None."""

@@ -40,7 +40,7 @@ from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
-from kontext.stages.teacher import Teacher
+from kontext.stages.teacher import Teacher, check_student
 
 
 @dataclass
@@ -107,9 +107,16 @@ class GuidanceDistillStage(FlowStage):
             if not self.params.guidance_embed:
                 raise KontextError("a guidance-distilled student takes the guidance as input: "
                                    "set model.guidance_embed=true")
+            if self.meta_built:  # the student is filled in configure_model, the teacher read there by rows
+                check_student(self.params, self.teacher.read_params(self.text))
+                return
             # A frozen part, as the encoders are: moved to the device (and sharded) with them.
             self._frozen["teacher"] = self.teacher.load(self.device, self.text)
             self.teacher.start_student(self.model, self.ema.model)
+
+    def initialise_shards(self) -> None:
+        """The student built on `meta`: its rows of the teacher (`Teacher.fill_student`)."""
+        self.teacher.fill_student(self.model)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

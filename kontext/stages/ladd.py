@@ -48,7 +48,7 @@ from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
-from kontext.stages.teacher import Teacher, load_teacher
+from kontext.stages.teacher import Teacher, check_student, load_teacher
 
 # Defaults written once (configs/stage/ladd.yaml mirrors them).
 OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 1e-5, "warmup_steps": 20, "decay": "none", "min_lr_ratio": 1.0}
@@ -135,10 +135,17 @@ class LADDStage(FlowStage):
         """Load the frozen teacher and the student's starting point (the teacher unless
         `student_init`). A resumed run's checkpoint is restored after this."""
         if self.teacher.model is None:
+            if self.meta_built:  # the student is filled in configure_model, the teacher read there by rows
+                check_student(self.params, self.teacher.read_params(self.text))
+                return
             # A frozen part, as the encoders are: moved to the device (and sharded) with them.
             self._frozen["teacher"] = self.teacher.load(self.device, self.text)
             source = None if self.student_source is None else load_teacher(self.student_source, device=self.device)
             self.teacher.start_student(self.model, self.ema.model, source)
+
+    def initialise_shards(self) -> None:
+        """The student built on `meta`: its rows of `student_init`, else of the teacher."""
+        self.teacher.fill_student(self.model, self.student_source)
 
     def configure_model(self) -> None:
         """The flow stage's recipe for the student (and the teacher); under FSDP the discriminator

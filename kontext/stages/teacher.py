@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kontext import packing, parallel, sampling
+from kontext import packing, parallel, sampling, slices
 from kontext.discriminator import block_features
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
@@ -52,20 +52,54 @@ def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
     return model.eval().requires_grad_(False)
 
 
-def shard_teacher(model: Flux, mesh, dtype: torch.dtype) -> None:
+def shard_teacher(model: Flux, mesh, dtype: torch.dtype, read: str = "read whole, then sharded") -> None:
     """A frozen teacher under FSDP: cast to the run's compute dtype (`parallel.param_dtype`, bf16
     in the paper's recipe) and sharded over `mesh` as the student is, one unit per block, so each
     rank keeps 1/N of it and gathers one block at a time. It has no gradients and no optimizer
     state (no weight requires grad); its forwards cast their inputs to `dtype`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    model.to(dtype=dtype)
+    model.to(dtype=dtype).eval().requires_grad_(False)
     parallel.shard(model, mesh, MixedPrecisionPolicy(param_dtype=dtype) if dtype != torch.float32 else None,
                    trained=False)
     held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
-    log.info("distillation teacher sharded over %d ranks in %s: %.2f MiB on rank %d of %.2f MiB",
-             mesh.size(), str(dtype).removeprefix("torch."), held / 2**20, mesh.get_rank(), whole / 2**20)
+    log.info("distillation teacher sharded over %d ranks in %s: %.2f MiB on rank %d of %.2f MiB (%s)",
+             mesh.size(), str(dtype).removeprefix("torch."), held / 2**20, mesh.get_rank(), whole / 2**20, read)
+
+
+def load_sharded_teacher(source: str | os.PathLike | Flux, mesh, dtype: torch.dtype,
+                         device: str | torch.device = "cpu") -> Flux:
+    """The teacher of `source` built on `meta`, sharded (`shard_teacher`), materialised on
+    `device` and filled with this rank's rows of its weights (:mod:`kontext.slices`): no rank
+    reads or holds the whole teacher (a LoRA run's, merged whole first, aside)."""
+    params, rows = source_rows(source, "teacher")
+    with torch.device("meta"):
+        model = Flux(params)
+    shard_teacher(model, mesh, dtype, read="each rank reads its rows")
+    model.to_empty(device=device)
+    slices.fill(model, rows, f"the teacher's weights ({source})")
+    return model
+
+
+def source_rows(source: str | os.PathLike | Flux, what: str = "teacher") -> tuple[FluxParams, slices.Rows]:
+    """The architecture of a teacher or student source and a reader of its weights' rows,
+    nothing read yet (:func:`kontext.artifact.weight_rows`). A model in memory is its own rows; a
+    LoRA run's weights are merged whole first (said in the log)."""
+    if isinstance(source, Flux):
+        return source.params, slices.TensorRows(source.state_dict())
+    from kontext.artifact import weight_rows
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise KontextError(f"{what} not found: {source} (give a run directory, a training checkpoint, an export "
+                           "folder or a reference-format .safetensors)")
+    found = weight_rows(path)
+    if found is None:
+        log.info("%s %s is a LoRA run: its adapters are merged into its base whole, then sharded", what, source)
+        model = load_teacher(path)
+        return model.params, slices.TensorRows(model.state_dict())
+    return found
 
 
 class Teacher:
@@ -77,7 +111,10 @@ class Teacher:
 
     A stage calls `load` and `start_student` in its `setup`, holds the model as it holds its
     frozen encoders (out of its module tree: never trained, never saved; moved to its device
-    with them) and casts it to the student's dtype (`to`) when the fit starts.
+    with them) and casts it to the student's dtype (`to`) when the fit starts. A stage whose
+    student is built on `meta` (`parallel.meta_build`, under FSDP) reads only the teacher's
+    architecture in `setup` (`read_params`) and its weights in `place`, sharded, by rows; it
+    starts the student with `fill_student`.
     """
 
     def __init__(self, source: str | os.PathLike | Flux, guidance: float = 1.0):
@@ -86,6 +123,7 @@ class Teacher:
         self.model: Flux | None = None
         self.text = None  # the student's text encoder: the empty prompt of the teacher's CFG
         self._uncond: tuple[Tensor, Tensor] | None = None
+        self._params: FluxParams | None = None
 
     def load(self, device: str | torch.device, text=None) -> Flux:
         """Read the model (or take the one in memory), frozen and in eval mode, on ``device``;
@@ -97,9 +135,27 @@ class Teacher:
         self.text = text
         return self.model
 
+    def read_params(self, text=None) -> FluxParams:
+        """The teacher's architecture, no weight read; ``text`` as for `load`."""
+        self.text = text
+        self._params = self.source.params if isinstance(self.source, Flux) else source_rows(self.source)[0]
+        return self._params
+
+    def place(self, mesh, dtype: torch.dtype, device: str | torch.device, shard: bool) -> Flux:
+        """The teacher as the run holds it: sharded over ``mesh`` in ``dtype`` when ``shard``
+        (read by rows if `load` has not read it whole), else whole on ``device``."""
+        if self.model is None:
+            if shard and mesh is not None:
+                self.model = load_sharded_teacher(self.source, mesh, dtype, device)
+                return self.model
+            self.load(device, self.text)
+        if shard and mesh is not None and not parallel.is_sharded(self.model):
+            shard_teacher(self.model, mesh, dtype)
+        return self.model
+
     @property
     def params(self) -> FluxParams:
-        return self.model.params
+        return self.model.params if self.model is not None else self._params
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Teacher:
         """Move or cast an unsharded teacher; a sharded one was placed by `shard_teacher`."""
@@ -113,6 +169,16 @@ class Teacher:
         check_student(student.params, self.params)
         init_student(student, self.model if source is None else source)
         ema.load_state_dict(student.state_dict())
+
+    def fill_student(self, student: Flux, source: str | os.PathLike | Flux | None = None) -> None:
+        """`init_student` for a student built on `meta` and materialised (sharded or not): its rows
+        of ``source`` (default: the teacher's source), read by rows (:mod:`kontext.slices`)."""
+        params, rows = source_rows(self.source if source is None else source, "student source")
+        check_student(student.params, self.params)
+        check_student(student.params, params)
+        added = [k for k in student.state_dict() if k.startswith("guidance_in.")] if not params.guidance_embed else []
+        if slices.fill(student, rows, f"the student's starting weights ({source or self.source})", absent=added):
+            zero_output_embedder(student.guidance_in, slices.init_rows)
 
     @property
     def guidance_input(self) -> float | None:
@@ -175,9 +241,11 @@ def init_student(student: Flux, source: Flux) -> list[str]:
     return added
 
 
-def zero_output_embedder(embedder: nn.Module) -> None:
-    """An `MLPEmbedder` whose output is zero but whose last layer still receives gradient."""
-    nn.init.normal_(embedder.in_layer.weight, std=0.02)
-    nn.init.zeros_(embedder.in_layer.bias)
-    nn.init.zeros_(embedder.out_layer.weight)
-    nn.init.zeros_(embedder.out_layer.bias)
+def zero_output_embedder(embedder: nn.Module, each=None) -> None:
+    """An `MLPEmbedder` whose output is zero but whose last layer still receives gradient;
+    `each(tensor, init)` as in `Flux.init_weights` (a sharded student: `kontext.slices.init_rows`)."""
+    each = each or (lambda tensor, init: init(tensor))
+    each(embedder.in_layer.weight, lambda t: nn.init.normal_(t, std=0.02))
+    each(embedder.in_layer.bias, nn.init.zeros_)
+    each(embedder.out_layer.weight, nn.init.zeros_)
+    each(embedder.out_layer.bias, nn.init.zeros_)
