@@ -21,9 +21,11 @@ from test_train import random_ae, tiny_overrides  # noqa: F401  (random_ae is a 
 from kontext.model import Flux, get_params, load_flux, save_flux
 from kontext.run import CONFIG_DIR
 
-# hidden 1280, 4 double + 10 single blocks: 492M parameters, 1.97 GB in fp32 (large enough that a
-# process's own ~0.8 GB of libraries and frozen encoders does not hide the sharding)
-BIG = {"hidden_size": 1280, "num_heads": 10, "axes_dim": [16, 56, 56], "depth": 4, "depth_single_blocks": 10}
+# hidden 768, 4 double + 50 single blocks: 532M parameters, 2.13 GB in fp32. What does not shard
+# stays small beside it: a process's own ~0.55 GB of libraries and frozen encoders, the
+# activations of one sample, and the gathered block in flight (the largest is 3.8% of the model,
+# as a block of the 12B model is 1-3% of it).
+BIG = {"hidden_size": 768, "num_heads": 6, "axes_dim": [16, 56, 56], "depth": 4, "depth_single_blocks": 50}
 
 
 class PeakMemory(Callback):
@@ -58,7 +60,7 @@ def _train(root: Path, random_ae: str, big_file: Path, run_dir: Path, processes:
     model = [f"model.{k}={v}".replace(" ", "") for k, v in BIG.items()]
     fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={processes}"] if processes > 1 else []
     args = [*tiny_overrides(root, random_ae), *model, *fsdp, f"paths.output_dir={run_dir}",
-            f"stage.init_from={big_file}", "trainer.max_steps=1", "data.batch_size=4", "stage.optimizer.lr=0",
+            f"stage.init_from={big_file}", "trainer.max_steps=1", "data.batch_size=1", "stage.optimizer.lr=0",
             "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false", "+callbacks.peak._target_=test_meta_build.PeakMemory", f"+callbacks.peak.out={run_dir}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -80,10 +82,7 @@ def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big
     print(f"\npeak host memory per rank (MiB): 1 process {peaks[1]:.0f}, 2 processes {peaks[2]:.0f} "
           f"({peaks[2] / peaks[1]:.3f} of it), 4 processes {peaks[4]:.0f} ({peaks[4] / peaks[1]:.3f})")
     assert peaks[2] <= (1 / 2 + 0.10) * peaks[1], peaks
-    # Measured 0.342 and 0.351 of the one-process peak in two runs: each process's own ~0.8 GiB of
-    # libraries and frozen encoders does not shard, which puts 1/4 + 10% within run-to-run noise
-    # at this size (709M parameters would not fit this machine's 24 GiB with one process).
-    assert peaks[4] <= (1 / 4 + 0.125) * peaks[1], peaks
+    assert peaks[4] <= (1 / 4 + 0.10) * peaks[1], peaks
 
     # With lr 0 the weights stay as loaded: the 4-process run's sharded checkpoint is the file.
     from kontext.checkpoint import consolidate
