@@ -21,15 +21,15 @@ Where each number comes from (N ranks, P parameters, T of them trained):
   (its gathers take turns with the student's); on one GPU a whole fp32 copy;
 - frozen encoders on the GPU (T5-XXL encoder and CLIP-L in bf16, the autoencoder in fp32)
   unless the features are cached (`data=shapes_edit_cached`-style training reads no encoder);
-- per host, while building: fine-tuning from an `init_from` file under FSDP (N > 1, no LoRA)
-  builds the model and its EMA on `meta`, shards them on the device and reads each rank's rows
-  of every tensor: nothing of the model stays on the host (counted: the largest tensor in
-  fp32, a bound on one read). Otherwise (one process, training from scratch, a
-  distillation student, which starts from its teacher) the code builds the whole fp32 model on
-  every rank, reads an `init_from` file whole and deep-copies the EMA before anything is
-  sharded: a peak of max(4P + file, 8P) bytes per rank. A LoRA base is the file's tensors
-  themselves (bf16 at 12B), cast only when the run computes in another dtype: the file's
-  bytes, plus pb P then. A teacher is still read whole (4P) before it is sharded. Times the ranks on the host.
+- per host, while building: under FSDP (N > 1, no LoRA) the model, its EMA and a teacher are
+  built on `meta`, sharded on the device and filled with each rank's rows (of an `init_from`
+  file, of a teacher's source, or of one process's initialisation drawn one tensor at a time):
+  nothing of the model stays on the host (counted: the largest tensor in fp32, a bound on one
+  read or one initialiser's draw). In one process the code builds the whole fp32 model, reads an
+  `init_from` file whole and deep-copies the EMA: a peak of max(4P + file, 8P) bytes, plus a
+  whole fp32 teacher (4P). A LoRA base is the file's tensors themselves (bf16 at 12B), cast
+  only when the run computes in another dtype: the file's bytes, plus pb P then. Times the
+  ranks on the host.
 Not counted: the CUDA context and the allocator's reserve (plan 1-3 GB per GPU for them), the
 data loader, and compile's workspaces. `tests/test_memory_plan.py` checks the counts against
 tensors measured on models this machine can run.
@@ -200,15 +200,14 @@ def plan(cfg: PlanConfig) -> Plan:
         gpu["teacher (whole, fp32)"] = 4 * out.params if cfg.teacher else 0
     gpu["frozen encoders"] = encoder_bytes(params.context_in_dim == 4096) if cfg.encoders_on_gpu else 0
 
-    if cfg.init_from and n > 1 and not cfg.lora_rank and not cfg.teacher:  # meta build, slices read per rank
+    file_bytes = 2 * out.params if cfg.init_from else 0
+    if n > 1 and not cfg.lora_rank:  # built on meta, each rank's rows read or drawn one tensor at a time
         out.host_per_rank = 4 * out.largest_tensor
+    elif cfg.lora_rank and cfg.init_from:  # the base holds the file's (bf16) tensors, cast once if need be
+        out.host_per_rank = file_bytes + (pb * out.params if pb != 2 else 0)
     else:
-        file_bytes = 2 * out.params if cfg.init_from else 0
-        if cfg.lora_rank and cfg.init_from:  # the base holds the file's (bf16) tensors, cast once if need be
-            out.host_per_rank = file_bytes + (pb * out.params if pb != 2 else 0)
-        else:
-            out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
-    out.host_per_rank += 4 * out.params if cfg.teacher else 0
+        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
+        out.host_per_rank += 4 * out.params if cfg.teacher else 0
     out.host = out.host_per_rank * min(cfg.gpus_per_host, n)
     return out
 

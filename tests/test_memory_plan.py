@@ -78,11 +78,17 @@ def test_twelve_billion_plan_counts_the_reference_model():
     double = build_flux("flux-dev-kontext", device="meta").double_blocks[0]
     assert result.largest_unit == sum(p.numel() for p in double.parameters())
     assert result.gpu["weights (sharded, fp32)"] == 4 * result.params / 8
-    # Fine-tuning under FSDP builds on meta and reads slices: the host holds at most one tensor.
+    # Under FSDP everything is built on meta and filled by rows: the host holds at most one tensor,
+    # fine-tuning, from scratch or distilling alike; one process builds whole.
     largest = max(p.numel() for p in build_flux("flux-dev-kontext", device="meta").parameters())
     assert result.host_per_rank == 4 * largest
-    scratch = plan(PlanConfig(model="flux-dev-kontext", gpus=8, init_from=False, encoders_on_gpu=False))
-    assert scratch.host_per_rank == 8 * result.params  # from scratch: fp32 model + deep-copied EMA per rank
+    for changes in ({"init_from": False}, {"teacher": True}):
+        assert plan(PlanConfig(model="flux-dev-kontext", gpus=8, encoders_on_gpu=False, **changes)).host_per_rank \
+            == 4 * largest
+    scratch = plan(PlanConfig(model="flux-dev-kontext", gpus=1, init_from=False, encoders_on_gpu=False))
+    assert scratch.host_per_rank == 8 * result.params  # one process from scratch: fp32 model + deep-copied EMA
+    teacher = plan(PlanConfig(model="flux-dev-kontext", gpus=1, init_from=False, teacher=True, encoders_on_gpu=False))
+    assert teacher.host_per_rank == 12 * result.params  # ... and a whole fp32 teacher
     lora = plan(PlanConfig(model="flux-dev-kontext", gpus=1, ac="full", resolution=512, lora_rank=16,
                            encoders_on_gpu=False))
     assert 0 < lora.trained < result.params / 100
