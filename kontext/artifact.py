@@ -136,10 +136,10 @@ def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | 
 
 
 def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = None,
-                raw: bool = False) -> tuple[FluxParams, Rows] | None:
+                raw: bool = False) -> tuple[FluxParams, Rows | None]:
     """The architecture of `source` (as `read_artifact` reads it) and a reader of its weights'
     rows (:mod:`kontext.slices`) that has read no tensor yet: a model sharded on `meta` takes
-    only its rows from it. None for a LoRA run, whose weights are a merge computed whole."""
+    only its rows from it. No reader (None) for a LoRA run, whose weights are a merge computed whole."""
     from kontext.model import CHECKPOINT_PREFIXES, get_params
     from kontext.slices import FileRows, FolderRows, TensorRows
 
@@ -159,7 +159,7 @@ def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = Non
                                                                         CHECKPOINT_PREFIXES)
     artifact = _read_checkpoint(path, config, raw, weights=False)
     if artifact.lora is not None:
-        return None
+        return artifact.params, None
     prefix = "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX)
     if path.is_dir():
         return artifact.params, FolderRows(path, prefix)

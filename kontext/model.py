@@ -231,14 +231,14 @@ def init_like_construction(model: Flux, each: Callable[[Tensor, Callable[[Tensor
     state follow whatever the model is built on (a test checks it against `Flux(params)`)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):  # kaiming-uniform weight, uniform bias: one draw per element
-            torch.empty(m.weight.shape, dtype=m.weight.dtype).uniform_()
+            torch.empty(m.weight.shape, dtype=m.weight.dtype, device="cpu").uniform_()
             if m.bias is not None:
-                torch.empty(m.bias.shape, dtype=m.bias.dtype).uniform_()
+                torch.empty(m.bias.shape, dtype=m.bias.dtype, device="cpu").uniform_()
     model.init_weights(each or _scratch)
 
 
 def _scratch(tensor: Tensor, init: Callable[[Tensor], object]) -> None:
-    init(torch.empty(tensor.shape, dtype=tensor.dtype))
+    init(torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu"))
 
 
 @contextlib.contextmanager

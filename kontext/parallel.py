@@ -47,8 +47,9 @@ class ParallelConfig:
     compile: bool = False               # torch.compile each double and single block
     shard_frozen: bool = False          # shard the frozen encoders too (else every rank holds a copy)
     shard_teacher: bool = True          # shard a distillation teacher like the student (else a whole copy per rank)
-    # Build the trained model and its EMA on `meta`, shard, then read each rank's slices of
-    # `init_from` (no rank holds a whole copy); None: when the trainer shards over several ranks.
+    # Build the trained model, its EMA and a distillation teacher on `meta`, shard, then fill each
+    # rank's rows (of `init_from`, of the teacher, or of the from-scratch initialisation; see
+    # kontext.slices): no rank holds a whole copy. None: when the trainer shards over several ranks.
     meta_build: bool | None = None
 
     def __post_init__(self):

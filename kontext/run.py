@@ -111,7 +111,7 @@ def _run(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=slurm.cluster_plugins() or None)
     if cfg.get("parallel") is not None and "meta_build" in cfg.parallel and cfg.parallel.meta_build is None:
-        # Build on meta (and load init_from by slices) exactly when the trainer shards the model.
+        # Build on meta (and fill each rank's rows) exactly when the trainer shards the model.
         cfg.parallel.meta_build = isinstance(trainer.strategy, ModelParallelStrategy) and trainer.world_size > 1
     module = instantiate(cfg.stage)
     if trainer.is_global_zero:

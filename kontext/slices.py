@@ -56,8 +56,13 @@ class FileRows(Rows):
             raise WeightsError(f"cannot read {self.path} as safetensors: {err}") from err
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> Tensor:
-        piece = self._file.get_slice(self.prefix + name)
-        return piece[:] if start is None and stop is None else piece[start:stop]
+        from safetensors import SafetensorError
+
+        try:
+            piece = self._file.get_slice(self.prefix + name)
+            return piece[:] if start is None and stop is None else piece[start:stop]
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"cannot read {name} from {self.path}: {err}") from err
 
 
 class TensorRows(Rows):
@@ -134,9 +139,9 @@ def init_rows(target: Tensor, init: Callable[[Tensor], object]) -> None:
     keeping this rank's rows. It draws what it would draw on the whole tensor, so every rank
     advances the random generator alike and a sharded model gets one process's values."""
     local, start = local_rows(target)
-    if local is target:
+    if local is target and target.device.type == "cpu":
         init(target)
         return
-    whole = torch.empty(target.shape, dtype=target.dtype)
+    whole = torch.empty(target.shape, dtype=target.dtype, device="cpu")  # the CPU generator's draws, on any device
     init(whole)
-    local.copy_(whole[start:start + local.shape[0]])
+    local.copy_(whole if local is target else whole[start:start + local.shape[0]])

@@ -93,10 +93,11 @@ class FlowStage(L.LightningModule):
         elif self.meta_built:
             with torch.device("meta"):
                 self.model = Flux(model)
-            self._construction_rng = torch.get_rng_state()
-            init_like_construction(self.model)  # the random generator left as Flux(model) leaves it
-            if init_from:
+            if init_from:  # its rows are read in configure_model; its names and shapes checked now
                 slices.check(self.model, FileRows(init_from, CHECKPOINT_PREFIXES), f"stage.init_from {init_from}")
+            else:  # drawn in configure_model, and the generator left as Flux(model) leaves it for what
+                self._construction_rng = torch.get_rng_state()  # draws after (a distillation student's parts)
+                init_like_construction(self.model)
         else:
             self.model = Flux(model)
             if init_from:

@@ -101,8 +101,9 @@ class GuidanceDistillStage(FlowStage):
         self._path_calls = 0
 
     def setup(self, stage: str) -> None:
-        """Load the frozen teacher and start the student from it. A resumed run's checkpoint is
-        restored after this and replaces the student's weights."""
+        """Load the frozen teacher and start the student from it (a student built on `meta`: read
+        the teacher's architecture only; both are filled in configure_model). A resumed run's
+        checkpoint is restored after this and replaces the student's weights."""
         if self.teacher.model is None:
             if not self.params.guidance_embed:
                 raise KontextError("a guidance-distilled student takes the guidance as input: "

@@ -133,7 +133,8 @@ class LADDStage(FlowStage):
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Load the frozen teacher and the student's starting point (the teacher unless
-        `student_init`). A resumed run's checkpoint is restored after this."""
+        `student_init`); a student built on `meta` reads the teacher's architecture only, and
+        both are filled in configure_model. A resumed run's checkpoint is restored after this."""
         if self.teacher.model is None:
             if self.meta_built:  # the student is filled in configure_model, the teacher read there by rows
                 check_student(self.params, self.teacher.read_params(self.text))

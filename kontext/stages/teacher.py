@@ -68,38 +68,34 @@ def shard_teacher(model: Flux, mesh, dtype: torch.dtype, read: str = "read whole
              mesh.size(), str(dtype).removeprefix("torch."), held / 2**20, mesh.get_rank(), whole / 2**20, read)
 
 
-def load_sharded_teacher(source: str | os.PathLike | Flux, mesh, dtype: torch.dtype,
-                         device: str | torch.device = "cpu") -> Flux:
-    """The teacher of `source` built on `meta`, sharded (`shard_teacher`), materialised on
-    `device` and filled with this rank's rows of its weights (:mod:`kontext.slices`): no rank
-    reads or holds the whole teacher (a LoRA run's, merged whole first, aside)."""
-    params, rows = source_rows(source, "teacher")
+def load_sharded_teacher(params: FluxParams, rows: slices.Rows, mesh, dtype: torch.dtype,
+                         device: str | torch.device = "cpu", what: str = "the teacher's weights") -> Flux:
+    """A teacher of `params` built on `meta`, sharded (`shard_teacher`), materialised on
+    `device` and filled with this rank's rows of `rows` (:mod:`kontext.slices`)."""
     with torch.device("meta"):
         model = Flux(params)
     shard_teacher(model, mesh, dtype, read="each rank reads its rows")
     model.to_empty(device=device)
-    slices.fill(model, rows, f"the teacher's weights ({source})")
+    slices.fill(model, rows, what)
     return model
 
 
-def source_rows(source: str | os.PathLike | Flux, what: str = "teacher") -> tuple[FluxParams, slices.Rows]:
+def source_rows(source: str | os.PathLike, what: str = "teacher",
+                read: bool = True) -> tuple[FluxParams, slices.Rows | None]:
     """The architecture of a teacher or student source and a reader of its weights' rows,
-    nothing read yet (:func:`kontext.artifact.weight_rows`). A model in memory is its own rows; a
-    LoRA run's weights are merged whole first (said in the log)."""
-    if isinstance(source, Flux):
-        return source.params, slices.TensorRows(source.state_dict())
+    nothing read yet (:func:`kontext.artifact.weight_rows`); a LoRA run's weights are merged
+    whole (said in the log), unless `read=False`, which gives the architecture alone."""
     from kontext.artifact import weight_rows
 
     path = Path(source).expanduser()
     if not path.exists():
         raise KontextError(f"{what} not found: {source} (give a run directory, a training checkpoint, an export "
                            "folder or a reference-format .safetensors)")
-    found = weight_rows(path)
-    if found is None:
+    params, rows = weight_rows(path)
+    if rows is None and read:
         log.info("%s %s is a LoRA run: its adapters are merged into its base whole, then sharded", what, source)
-        model = load_teacher(path)
-        return model.params, slices.TensorRows(model.state_dict())
-    return found
+        rows = slices.TensorRows(load_teacher(path).state_dict())
+    return params, rows
 
 
 class Teacher:
@@ -124,6 +120,7 @@ class Teacher:
         self.text = None  # the student's text encoder: the empty prompt of the teacher's CFG
         self._uncond: tuple[Tensor, Tensor] | None = None
         self._params: FluxParams | None = None
+        self._rows: tuple[FluxParams, slices.Rows] | None = None
 
     def load(self, device: str | torch.device, text=None) -> Flux:
         """Read the model (or take the one in memory), frozen and in eval mode, on ``device``;
@@ -138,17 +135,30 @@ class Teacher:
     def read_params(self, text=None) -> FluxParams:
         """The teacher's architecture, no weight read; ``text`` as for `load`."""
         self.text = text
-        self._params = self.source.params if isinstance(self.source, Flux) else source_rows(self.source)[0]
+        self._params = self.source.params if isinstance(self.source, Flux) else source_rows(self.source, read=False)[0]
         return self._params
+
+    def rows(self) -> tuple[FluxParams, slices.Rows]:
+        """The teacher's architecture and a reader of its rows, kept until `place` (a LoRA run's
+        merge is computed once, for the student and the teacher)."""
+        if self._rows is None:
+            self._rows = (self.source.params, slices.TensorRows(self.source.state_dict())) \
+                if isinstance(self.source, Flux) else source_rows(self.source, "teacher")
+        return self._rows
 
     def place(self, mesh, dtype: torch.dtype, device: str | torch.device, shard: bool) -> Flux:
         """The teacher as the run holds it: sharded over ``mesh`` in ``dtype`` when ``shard``
-        (read by rows if `load` has not read it whole), else whole on ``device``."""
+        (read by rows unless `load` read it whole or it is a model in memory, sharded in place),
+        else whole on ``device``."""
         if self.model is None:
-            if shard and mesh is not None:
-                self.model = load_sharded_teacher(self.source, mesh, dtype, device)
+            if shard and mesh is not None and not isinstance(self.source, Flux):
+                params, rows = self.rows()
+                self.model = load_sharded_teacher(params, rows, mesh, dtype, device,
+                                                  f"the teacher's weights ({self.source})")
+                self._rows = None
                 return self.model
             self.load(device, self.text)
+        self._rows = None
         if shard and mesh is not None and not parallel.is_sharded(self.model):
             shard_teacher(self.model, mesh, dtype)
         return self.model
@@ -173,7 +183,7 @@ class Teacher:
     def fill_student(self, student: Flux, source: str | os.PathLike | Flux | None = None) -> None:
         """`init_student` for a student built on `meta` and materialised (sharded or not): its rows
         of ``source`` (default: the teacher's source), read by rows (:mod:`kontext.slices`)."""
-        params, rows = source_rows(self.source if source is None else source, "student source")
+        params, rows = self.rows() if source is None else source_rows(source, "student source")
         check_student(student.params, self.params)
         check_student(student.params, params)
         added = [k for k in student.state_dict() if k.startswith("guidance_in.")] if not params.guidance_embed else []
