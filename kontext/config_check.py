@@ -2,24 +2,29 @@
 
 A wrong type or an out-of-range value is one line naming the key, the value and what is
 expected (a `KontextError`), instead of a `TypeError` deep inside Lightning or a stage. Two
-sources of truth: `KEYS`, the values that are plain dicts to their consumer (a stage's
-`optimizer`, `finish`, ...) or that have a range, and the annotations of each `_target_`'s
-parameters (`FluxParams.depth: int`, `Trainer.max_steps: int`, ...) for every other scalar.
+sources of truth: `KEYS`, the values that have a range or that no annotation types (a stage's
+`finish`, ...), and the annotations of each `_target_`'s parameters (`FluxParams.depth: int`,
+`Trainer.max_steps: int`, ...) and of the fields of the option groups they take (a stage's
+`optimizer: AdamWOptions`, `reals: Reals`, ...) for every other scalar.
 A key that the chosen config does not have is not checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
 import typing
 from dataclasses import dataclass
+from typing import TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kontext.data.buckets import REFERENCE_SIZES
 from kontext.errors import KontextError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -205,13 +210,19 @@ KEYS: dict[str, object] = {
 _MISSING = object()
 
 
-def options(defaults: dict, given: dict | None, what: str) -> dict:
-    """A stage's options: `defaults` updated by `given`; a key the stage does not know is an
-    error, not ignored."""
-    unknown = sorted(set(given or {}) - set(defaults))
+def options(defaults: T, given, what: str) -> T:
+    """A group of a stage's options: `defaults` (a dataclass instance, the group's defaults
+    written once) with the fields `given` (a mapping, or an instance of the same class) sets;
+    a key the group does not have is an error, not ignored. The class checks the values
+    (`__post_init__`)."""
+    if isinstance(given, type(defaults)):
+        return given
+    given = plain(given) or {}
+    known = [f.name for f in dataclasses.fields(defaults)]
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise KontextError(f"unknown {what} option(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **(given or {})}
+        raise KontextError(f"unknown {what} option(s) {unknown}; known: {known}")
+    return dataclasses.replace(defaults, **given)
 
 
 def plain(value):
@@ -242,9 +253,10 @@ def _value(cfg, key: str):
     return value
 
 
-def _check_targets(node, path: str) -> None:
-    """Every scalar parameter of a `_target_` whose annotation is int, float, bool or str
-    (optionally None, or a Literal) must hold such a value."""
+def _check_targets(node, path: str, hints: dict | None = None) -> None:
+    """Every scalar parameter of a `_target_`, or field of an option group its annotation names
+    (a dataclass, e.g. a stage's `optimizer: AdamWOptions | dict | None`), whose annotation is
+    int, float, bool or str (optionally None, or a Literal) must hold such a value."""
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
             if isinstance(item, DictConfig | ListConfig):
@@ -252,7 +264,7 @@ def _check_targets(node, path: str) -> None:
         return
     if not isinstance(node, DictConfig):
         return
-    hints = _hints(node.get("_target_")) if "_target_" in node else {}
+    hints = _hints(node.get("_target_")) if "_target_" in node else (hints or {})
     for key in node:
         key = str(key)
         full = f"{path}.{key}" if path else key
@@ -260,7 +272,7 @@ def _check_targets(node, path: str) -> None:
             continue
         raw = node._get_node(key)
         if isinstance(raw, DictConfig | ListConfig):
-            _check_targets(raw, full)
+            _check_targets(raw, full, _group_hints(hints.get(key)))
             continue
         allowed = _scalar_types(hints.get(key))
         if allowed is None:
@@ -278,6 +290,17 @@ def _hints(target) -> dict:
         fn = obj.__init__ if inspect.isclass(obj) else obj
         return typing.get_type_hints(fn)
     except Exception:  # an unknown target is reported by instantiation; unresolvable hints are not checked
+        return {}
+
+
+def _group_hints(hint) -> dict:
+    """The field annotations of the option-group dataclass that `hint` names (alone or in a
+    union), else none."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    group = next((a for a in args if dataclasses.is_dataclass(a) and isinstance(a, type)), None)
+    try:
+        return typing.get_type_hints(group) if group is not None else {}
+    except Exception:  # unresolvable annotations are not checked
         return {}
 
 

@@ -18,40 +18,50 @@ run repeats exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kontext.config_check import KEYS, options, plain
+from kontext.config_check import KEYS, options
 from kontext.errors import KontextError
 from kontext.lora_files import Adapter, LoraWeights
 
 ADAPTER = "default"  # peft's name for the one adapter a training run has
-# The stage's `lora` options and their defaults (configs/adapter/lora.yaml mirrors them): every
-# linear layer of every block except the adaLN modulation, rank 16, scale alpha / rank = 1.
-LORA = {
-    "rank": 16,
-    "alpha": 16.0,
-    "dropout": 0.0,
-    "quantize_base": None,  # int8 | fp8: the frozen base's block linears stored weight-only quantised (torchao)
-    "targets": ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.img_mlp",
-                "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj", "double_blocks.*.txt_mlp",
-                "single_blocks.*.linear1", "single_blocks.*.linear2"),
-}
 
 
-def lora_options(given: dict | None) -> dict | None:
-    """The `lora` options over `LORA` (None: no adapters), each checked for its type and range;
-    errors name them as the command line does (`adapter.rank`)."""
-    if given is None:
-        return None
-    cfg = options(LORA, plain(given), "adapter")
-    for key, value in cfg.items():
-        if problem := KEYS[f"adapter.{key}"].problem(value):
-            raise KontextError(f"adapter.{key}={value!r}: {problem}")
-    cfg["targets"] = tuple(cfg["targets"])
-    return cfg
+@dataclass
+class LoraOptions:
+    """The stage's `lora` options (the `adapter` group; configs/adapter/lora.yaml mirrors the
+    defaults): every linear layer of every block except the adaLN modulation, rank 16, scale
+    alpha / rank = 1. Each value is checked for its type and range, errors naming it as the
+    command line does (`adapter.rank`)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    quantize_base: str | None = None  # int8 | fp8: the frozen base's block linears stored weight-only quantised (torchao)
+    targets: tuple[str, ...] = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
+                                "double_blocks.*.img_mlp", "double_blocks.*.txt_attn.qkv",
+                                "double_blocks.*.txt_attn.proj", "double_blocks.*.txt_mlp",
+                                "single_blocks.*.linear1", "single_blocks.*.linear2")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if problem := KEYS[f"adapter.{field.name}"].problem(value):
+                raise KontextError(f"adapter.{field.name}={value!r}: {problem}")
+        self.targets = tuple(self.targets)
+
+
+LORA = LoraOptions()
+
+
+def lora_options(given) -> LoraOptions | None:
+    """The `lora` options (a mapping, or `LoraOptions`) over `LORA`; None: no adapters."""
+    return None if given is None else options(LORA, given, "adapter")
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -75,13 +85,13 @@ def resolve_targets(model: nn.Module, patterns) -> list[str]:
     return [name for name in linears if name in chosen]
 
 
-def add_adapters(model: nn.Module, cfg: dict) -> list[str]:
-    """Inject rank-`cfg["rank"]` LoRA layers (peft) into the layers `cfg["targets"]` names, in
-    place; only the adapters train afterwards. Returns the adapted layers' names."""
+def add_adapters(model: nn.Module, cfg: LoraOptions) -> list[str]:
+    """Inject rank-`cfg.rank` LoRA layers (peft) into the layers `cfg.targets` names, in place;
+    only the adapters train afterwards. Returns the adapted layers' names."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = resolve_targets(model, cfg["targets"])
-    config = LoraConfig(r=int(cfg["rank"]), lora_alpha=float(cfg["alpha"]), lora_dropout=float(cfg["dropout"]),
+    names = resolve_targets(model, cfg.targets)
+    config = LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
                         target_modules=names)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     model.requires_grad_(False)

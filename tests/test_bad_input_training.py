@@ -235,6 +235,9 @@ CONFIGS = {  # override: the line after "error: "
     "trainer.devices=abc": "trainer.devices='abc': expected a count >= 1, -1 (all), \"auto\" or a list of device indices",
     "trainer.devices=0": "trainer.devices=0: expected a count >= 1, -1 (all), \"auto\" or a list of device indices",
     "data.max_pixels=0": "data.max_pixels=0: expected an integer >= 1 or null",
+    # from the fields of a stage's option groups (dataclasses)
+    "stage.time_sampling.sigma=abc": "stage.time_sampling.sigma='abc': expected a number",
+    "stage.validation.cases_per_op=1.5": "stage.validation.cases_per_op=1.5: expected an integer",
 }
 
 
@@ -244,6 +247,19 @@ def test_wrong_config_values_are_one_line(tmp_path, override):
     with pytest.raises(KontextError) as err:
         check_config(cfg)
     assert str(err.value) == CONFIGS[override]
+
+
+@pytest.mark.parametrize(("experiment", "override", "message"), [
+    ("embedded_ladd", "stage.reals.steps=abc", "stage.reals.steps='abc': expected an integer"),
+    ("embedded_ladd", "stage.renoise.shared=3", "stage.renoise.shared=3: expected true or false"),
+    ("embedded_autoencoder", "stage.loss.rec=3", "stage.loss.rec=3: expected a string"),
+])
+def test_option_groups_of_other_stages_are_typed_by_their_fields(tmp_path, experiment, override, message):
+    cfg = compose_train([f"experiment={experiment}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                         override])
+    with pytest.raises(KontextError) as err:
+        check_config(cfg)
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))

@@ -180,7 +180,7 @@ def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
     expected = denoise(stage.teacher.model, tokens, noise, feats.txt, feats.vec, schedule(2, tokens.n_img), guidance=1.0,
                        cfg_scale=2.0, uncond=(empty.txt, empty.vec))
     torch.testing.assert_close(x0, expected)  # the teacher's CFG sample of exactly this noise
-    stage.reals_cfg["source"] = "data"
+    stage.reals_cfg.source = "data"
     x0, noise = stage.clean_samples(tokens.img, tokens, feats.txt, feats.vec)
     assert torch.equal(x0, tokens.img) and noise.shape == x0.shape
 

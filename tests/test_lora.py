@@ -5,6 +5,7 @@ tests/test_lora_runs.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,7 +61,7 @@ def loss_of(model, seed: int = 0) -> torch.Tensor:
 
 def test_default_preset_is_the_module_defaults_and_every_preset_names_exact_layers():
     yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "adapter" / "lora.yaml"))
-    assert {k: tuple(v) if isinstance(v, list) else v for k, v in yaml.items()} == LORA
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in yaml.items()} == dataclasses.asdict(LORA)
     # tiny: 2 double blocks (img and txt: qkv, proj, mlp.0, mlp.2, mod.lin), 2 single blocks (linear1, linear2, modulation.lin)
     expected = {"lora": 2 * 8 + 2 * 2, "lora_attention": 2 * 4 + 2 * 1, "lora_all": 2 * 10 + 2 * 3}
     for preset, count in expected.items():
@@ -120,7 +121,7 @@ def test_last_block_predicts_target_rows_with_an_adapted_linear1(base_file):
     """The last single block computes only the rows asked for by slicing linear1's weight; with
     an adapter on linear1 that slice would drop the adapter. It must equal the full forward."""
     model = load_flux(base_file).eval()
-    add_adapters(model, {**LORA, "rank": 4, "targets": ("linear1",)})
+    add_adapters(model, dataclasses.replace(LORA, rank=4, targets=("linear1",)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:

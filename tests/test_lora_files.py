@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
 from kontext.errors import KontextError
-from kontext.lora import ADAPTER, adapters, add_adapters, unwrap
+from kontext.lora import ADAPTER, adapters, add_adapters, lora_options, unwrap
 from kontext.lora_files import (
     Adapter,
     LoraWeights,
@@ -48,7 +48,7 @@ def random_model():
 
 def with_random_adapters(model, targets, seed=3):
     """peft adapters on `targets`, with random A and B (B starts at zero in training: not here)."""
-    add_adapters(model, {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": targets})
+    add_adapters(model, lora_options({"rank": RANK, "alpha": ALPHA, "targets": targets}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -56,7 +56,7 @@ def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_fi
     assert len(ckpt["optimizer_states"][0]["state"]) == 40
     adapter_numel = sum(v.numel() for k, v in weights.items() if k.startswith("model."))
     assert adapter_numel == 4 * sum(m.in_features + m.out_features for n, m in build_flux(TINY).named_modules()
-                                    if n in resolve_targets(build_flux(TINY), LORA["targets"]))
+                                    if n in resolve_targets(build_flux(TINY), LORA.targets))
     assert adapter_numel < 0.05 * sum(p.numel() for p in build_flux(TINY).parameters())
 
     adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -258,19 +259,15 @@ def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkey
 
 
 def test_flow_stage_refuses_a_bad_schedule():
-    import lightning as L
-
+    """When the stage is built, before any trainer exists."""
     from kontext.errors import KontextError
     from kontext.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
-    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, accelerator="cpu")
     for optimizer, message in (({"decay": "cosin"}, "optimizer.decay must be"),
                                ({"decay_by": "time"}, "optimizer.decay_by must be")):
-        stage = FlowStage(FLUX_PRESETS["tiny"], optimizer=optimizer)
-        stage.trainer = trainer
         with pytest.raises(KontextError, match=message):
-            stage.configure_optimizers()
+            FlowStage(FLUX_PRESETS["tiny"], optimizer=optimizer)
 
 
 def test_ema_update_is_the_warmed_up_average():
@@ -321,20 +318,22 @@ def test_flow_stage_clips_the_gradient_norm_in_one_pass():
     assert params[0].grad is None and norm > 0.5
 
 
-STAGE_OPTIONS = {  # stage yaml: {option: the module's constant}
+STAGE_OPTIONS = {  # stage yaml: {option group: the module's constant, a dataclass instance}
     "flow": ("kontext.stages.flow", {"optimizer": "OPTIMIZER", "time_sampling": "TIME_SAMPLING",
                                      "validation": "VALIDATION"}),
     "guidance_distill": ("kontext.stages.guidance_distill", {"optimizer": "OPTIMIZER", "validation": "VALIDATION"}),
     "ladd": ("kontext.stages.ladd", {"optimizer": "OPTIMIZER", "discriminator_optimizer": "DISCRIMINATOR_OPTIMIZER",
                                      "validation": "VALIDATION", "reals": "REALS", "renoise": "RENOISE",
                                      "discriminator": "DISCRIMINATOR", "updates": "UPDATES"}),
+    "autoencoder": ("kontext.stages.autoencoder", {"optimizer": "OPTIMIZER", "loss": "LOSS",
+                                                   "discriminator": "DISCRIMINATOR", "finish": "FINISH"}),
 }
 
 
 @pytest.mark.parametrize("name", list(STAGE_OPTIONS))
 def test_stage_options_are_written_once(name):
-    """Each stage's YAML mirrors its Python defaults: the option dicts key for key and value for
-    value, and every scalar parameter the YAML sets equals the signature's default."""
+    """Each stage's YAML mirrors its Python defaults: each option group field for field and value
+    for value, and every scalar parameter the YAML sets equals the signature's default."""
     import importlib
     import inspect
 
@@ -349,7 +348,7 @@ def test_stage_options_are_written_once(name):
 
     for key, constant in constants.items():
         given = OmegaConf.to_container(yaml[key])
-        assert {k: plain(v) for k, v in given.items()} == getattr(module, constant), key
+        assert {k: plain(v) for k, v in given.items()} == dataclasses.asdict(getattr(module, constant)), key
 
     def check_scalars(node, skip=()):  # and those of a nested part built from its own _target_
         signature = inspect.signature(get_object(node._target_).__init__)
@@ -374,3 +373,18 @@ def test_an_unknown_stage_option_is_an_error():
 
     with pytest.raises(KontextError, match=r"unknown optimizer option\(s\) \['learning_rate'\]"):
         FlowStage(FLUX_PRESETS["tiny"], optimizer={"learning_rate": 1e-3})
+
+
+def test_stage_options_are_typed_and_their_defaults_written_once():
+    """A stage holds each option group as its dataclass: the given fields over the defaults; the
+    distillation stages' defaults are the flow stage's with their own changes."""
+    from kontext.model import FLUX_PRESETS
+    from kontext.stages import flow, guidance_distill, ladd
+    from kontext.stages.flow import FlowStage
+    from kontext.stages.schedule import AdamWOptions
+
+    stage = FlowStage(FLUX_PRESETS["tiny"], optimizer={"lr": 1e-3, "betas": [0.8, 0.9]}, time_sampling={"mu": 0.5})
+    assert stage.optim_cfg == dataclasses.replace(flow.OPTIMIZER, lr=1e-3, betas=(0.8, 0.9))
+    assert isinstance(stage.optim_cfg, AdamWOptions) and stage.time_cfg.mu == 0.5 and stage.mu(16) == 0.5
+    assert guidance_distill.OPTIMIZER == dataclasses.replace(flow.OPTIMIZER, lr=3e-5, warmup_steps=50)
+    assert ladd.OPTIMIZER.decay == "none" and ladd.VALIDATION.steps is None and flow.VALIDATION.steps == 8

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,7 @@ from torch import Tensor
 from kontext import autoencoder_loss as losses
 from kontext.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
 from kontext.config_check import options, plain
+from kontext.errors import KontextError
 
 
 def resolve_palette(palette) -> list[list[int]] | None:
@@ -44,21 +46,76 @@ def resolve_palette(palette) -> list[list[int]] | None:
     return [[int(c) for c in rgb] for rgb in palette]
 
 
-OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100, "min_lr_ratio": 0.05}
-LOSS = {"rec": "l1", "l2_weight": 0.0, "kl_weight": 1e-6, "palette": None, "palette_weight": 0.0,
-        "palette_tau": 0.1, "fg_weight": 0.0, "edge_weight": 0.0}
-DISCRIMINATOR = {"start": None, "weight": 0.1, "lr": None, "channels": 64, "layers": 2}
-FINISH = {"scale_samples": 2048, "eval_samples": 4096, "eval_seed": 2, "export_path": None}
+@dataclass
+class Optimizer:
+    """AdamW with a linear warm-up, then a cosine to `min_lr_ratio` of `lr`."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class Loss:
+    """Reconstruction (`rec`: l1 | l2, plus `l2_weight` of l2), KL, and with a `palette` a palette
+    term and foreground / edge weighting of the pixels."""
+
+    rec: str = "l1"
+    l2_weight: float = 0.0
+    kl_weight: float = 1e-6
+    palette: str | list | None = None
+    palette_weight: float = 0.0
+    palette_tau: float = 0.1
+    fg_weight: float = 0.0
+    edge_weight: float = 0.0
+
+    def __post_init__(self):
+        if (self.palette_weight or self.fg_weight or self.edge_weight) and self.palette is None:
+            raise KontextError("loss.palette_weight, fg_weight and edge_weight need loss.palette")
+
+
+@dataclass
+class PatchGAN:
+    """A patch discriminator from step `start` (None: none), its term weighted by `weight`."""
+
+    start: int | None = None
+    weight: float = 0.1
+    lr: float | None = None  # None: the autoencoder's
+    channels: int = 64
+    layers: int = 2
+
+
+@dataclass
+class Finish:
+    """After training: the latent scale from `scale_samples` images, the held-out evaluation on
+    `eval_samples` (seed `eval_seed`), and a copy of the weights at `export_path`."""
+
+    scale_samples: int = 2048
+    eval_samples: int = 4096
+    eval_seed: int = 2
+    export_path: str | None = None
+
+
+# Defaults written once (configs/stage/autoencoder.yaml mirrors them).
+OPTIMIZER = Optimizer()
+LOSS = Loss()
+DISCRIMINATOR = PatchGAN()
+FINISH = Finish()
 
 
 class AutoEncoderStage(L.LightningModule):
     def __init__(
         self,
         autoencoder: AutoEncoderParams,
-        optimizer: dict | None = None,
-        loss: dict | None = None,
-        discriminator: dict | None = None,
-        finish: dict | None = None,
+        optimizer: Optimizer | dict | None = None,
+        loss: Loss | dict | None = None,
+        discriminator: PatchGAN | dict | None = None,
+        finish: Finish | dict | None = None,
     ):
         super().__init__()
         # Plain dicts: a checkpoint's hyperparameters must load weights-only (kontext.checkpoint).
@@ -69,13 +126,9 @@ class AutoEncoderStage(L.LightningModule):
         self.loss_cfg = options(LOSS, loss, "loss")
         self.disc_cfg = options(DISCRIMINATOR, discriminator, "discriminator")
         self.finish_cfg = options(FINISH, finish, "finish")
-        self.palette = resolve_palette(self.loss_cfg["palette"])
-        c = self.loss_cfg
-        if (c["palette_weight"] or c["fg_weight"] or c["edge_weight"]) and self.palette is None:
-            raise ValueError("loss.palette_weight, fg_weight and edge_weight need loss.palette")
+        self.palette = resolve_palette(self.loss_cfg.palette)
         d = self.disc_cfg
-        self.disc = (losses.PatchDiscriminator(autoencoder.out_ch, d["channels"], d["layers"])
-                     if d["start"] is not None else None)
+        self.disc = losses.PatchDiscriminator(autoencoder.out_ch, d.channels, d.layers) if d.start is not None else None
         self.register_buffer("train_images", torch.zeros((), dtype=torch.long))  # in checkpoints
         self.last_batch_size = 0
         self._val: dict[str, list] = {}
@@ -98,25 +151,25 @@ class AutoEncoderStage(L.LightningModule):
         if self.palette is not None:
             palette = losses.palette_tensor(self.palette, x)
             classes = losses.class_map(x, palette)
-            if h["fg_weight"] or h["edge_weight"]:
-                weight = losses.foreground_weight(classes, h["fg_weight"], h["edge_weight"])
+            if h.fg_weight or h.edge_weight:
+                weight = losses.foreground_weight(classes, h.fg_weight, h.edge_weight)
         # KL per image element: kl_weight means what it means with per-image summed losses (LDM's 1e-6).
-        logs = {"rec": losses.reconstruction_loss(x_rec, x, h["rec"], weight), "kl": post.kl().mean() / x[0].numel()}
-        loss = logs["rec"] + h["kl_weight"] * logs["kl"]
-        if h["l2_weight"]:
+        logs = {"rec": losses.reconstruction_loss(x_rec, x, h.rec, weight), "kl": post.kl().mean() / x[0].numel()}
+        loss = logs["rec"] + h.kl_weight * logs["kl"]
+        if h.l2_weight:
             logs["l2"] = losses.reconstruction_loss(x_rec, x, "l2", weight)
-            loss = loss + h["l2_weight"] * logs["l2"]
-        if h["palette_weight"]:
-            logs["palette"] = losses.palette_loss(x_rec, classes, palette, h["palette_tau"], weight)
-            loss = loss + h["palette_weight"] * logs["palette"]
-        if self.disc is not None and self.global_step >= d["start"]:
+            loss = loss + h.l2_weight * logs["l2"]
+        if h.palette_weight:
+            logs["palette"] = losses.palette_loss(x_rec, classes, palette, h.palette_tau, weight)
+            loss = loss + h.palette_weight * logs["palette"]
+        if self.disc is not None and self.global_step >= d.start:
             # Generator term: gradients reach the autoencoder only (discriminator frozen while
             # recorded); discriminator term: on a detached reconstruction. One backward serves both.
             self.disc.requires_grad_(False)
             logs["g"] = losses.hinge_g_loss(self.disc(x_rec))
             self.disc.requires_grad_(True)
             logs["d"] = losses.hinge_d_loss(self.disc(x), self.disc(x_rec.detach()))
-            loss = loss + d["weight"] * logs["g"] + logs["d"]
+            loss = loss + d.weight * logs["g"] + logs["d"]
         with torch.no_grad():
             logs["psnr"] = losses.psnr(x_rec, x).mean()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
@@ -125,14 +178,14 @@ class AutoEncoderStage(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.optim_cfg
-        groups = [{"params": list(self.ae.parameters()), "lr": h["lr"]}]
+        groups = [{"params": list(self.ae.parameters()), "lr": h.lr}]
         if self.disc is not None:
-            groups.append({"params": list(self.disc.parameters()), "lr": self.disc_cfg["lr"] or h["lr"]})
-        opt = torch.optim.AdamW(groups, betas=tuple(h["betas"]), weight_decay=h["weight_decay"])
+            groups.append({"params": list(self.disc.parameters()), "lr": self.disc_cfg.lr or h.lr})
+        opt = torch.optim.AdamW(groups, betas=tuple(h.betas), weight_decay=h.weight_decay)
         total = max(int(self.trainer.max_steps), 1) if self.trainer.max_steps > 0 else None
 
         def factor(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
-            warmup, floor = h["warmup_steps"], h["min_lr_ratio"]
+            warmup, floor = h.warmup_steps, h.min_lr_ratio
             if step < warmup:
                 return (step + 1) / warmup
             if total is None:
@@ -243,8 +296,8 @@ class AutoEncoderStage(L.LightningModule):
         self.ae.eval()
         start = time.perf_counter()
         rendered = hasattr(datamodule, "batches")
-        stats = (datamodule.batches("train", h["scale_samples"]) if rendered
-                 else self._first(datamodule.train_dataloader(), h["scale_samples"]))
+        stats = (datamodule.batches("train", h.scale_samples) if rendered
+                 else self._first(datamodule.train_dataloader(), h.scale_samples))
         mu, std = self.latent_stats(stats)
         self.ae.scale_factor, self.ae.shift_factor = 1.0 / std, mu
         seen, split = None, "val"
@@ -256,9 +309,9 @@ class AutoEncoderStage(L.LightningModule):
                 loader, split = datamodule.train_dataloader(), "train"
 
         def held_out(n: int):
-            return datamodule.batches("val", n, seed=h["eval_seed"]) if rendered else self._first(loader, n)
+            return datamodule.batches("val", n, seed=h.eval_seed) if rendered else self._first(loader, n)
 
-        metrics = self.evaluate(held_out(h["eval_samples"]), exclude=seen)
+        metrics = self.evaluate(held_out(h.eval_samples), exclude=seen)
         metrics |= {"eval_split": split, "scale_factor": self.ae.scale_factor, "shift_factor": self.ae.shift_factor,
                     "steps": int(self.global_step), "train_images": int(self.train_images),
                     "train_time_s": round((timings or {}).get("train", float("nan")), 1),
@@ -267,8 +320,8 @@ class AutoEncoderStage(L.LightningModule):
         image_grid(x, self.reconstruct(x)).save(run_dir / "reconstructions.png")
         meta = {"metrics": metrics, "command": launch_command(), "torch": torch.__version__}
         paths = [save_autoencoder(self.ae, run_dir / "autoencoder.safetensors", meta)]
-        if h["export_path"]:
-            paths.append(save_autoencoder(self.ae, h["export_path"], meta))
+        if h.export_path:
+            paths.append(save_autoencoder(self.ae, h.export_path, meta))
         (run_dir / "autoencoder_metrics.json").write_text(json.dumps(metrics, indent=2))
         print("autoencoder:", json.dumps(metrics), "->", ", ".join(map(str, paths)))
         return metrics

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,38 @@ from kontext.lora import (
 from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, init_like_construction, load_flux
 from kontext.parallel import ParallelConfig
 from kontext.slices import FileRows
-from kontext.stages.schedule import adamw_with_schedule
+from kontext.stages.schedule import AdamWOptions, adamw_with_schedule
 
 # The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
 # tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
-OPTIMIZER = {"lr": 4e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 100, "decay": "cosine",
-             "min_lr_ratio": 0.1, "decay_by": "steps"}
-TIME_SAMPLING = {"sigma": 1.0, "mu": "auto"}
-VALIDATION = {"every_n_steps": 0, "cases_per_op": 8, "steps": 8}
+
+
+@dataclass
+class TimeSampling:
+    """Logit-normal training times: N(mu, sigma) through a sigmoid; mu `auto` follows the target
+    token count (the resolution-dependent shift, `kontext.flow.mu_for_tokens`)."""
+
+    sigma: float = 1.0
+    mu: float | str = "auto"
+
+    def __post_init__(self):
+        if self.mu != "auto" and not isinstance(self.mu, int | float):
+            raise KontextError(f"time_sampling.mu must be a number or auto, got {self.mu!r}")
+
+
+@dataclass
+class Validation:
+    """The benchmark on the EMA weights every `every_n_steps` (0: never), `cases_per_op` cases
+    per operation sampled with `steps` steps (None: the sampler's own)."""
+
+    every_n_steps: int = 0
+    cases_per_op: int = 8
+    steps: int | None = 8
+
+
+OPTIMIZER = AdamWOptions()
+TIME_SAMPLING = TimeSampling()
+VALIDATION = Validation()
 EMA_DECAY = 0.995
 
 
@@ -65,12 +90,12 @@ class FlowStage(L.LightningModule):
         autoencoder: Any = None,
         text: Any = None,
         init_from: str | None = None,
-        optimizer: dict | None = None,
+        optimizer: AdamWOptions | dict | None = None,
         ema_decay: float = EMA_DECAY,
-        time_sampling: dict | None = None,
+        time_sampling: TimeSampling | dict | None = None,
         train_guidance: float = 1.0,
         compact_text: bool = True,
-        validation: dict | None = None,
+        validation: Validation | dict | None = None,
         finish: dict | None = None,
         parallel: ParallelConfig | None = None,
         lora: dict | None = None,
@@ -156,12 +181,12 @@ class FlowStage(L.LightningModule):
         else:
             self.base_dtype = self.compute_dtype(mesh)
             freeze_base(self.model, self.base_dtype or torch.float32)
-            if self.lora_cfg["quantize_base"]:
+            if self.lora_cfg.quantize_base:
                 if mesh is not None or getattr(self._trainer, "world_size", 1) > 1:
-                    raise KontextError(f"adapter.quantize_base={self.lora_cfg['quantize_base']} trains in one process; "
+                    raise KontextError(f"adapter.quantize_base={self.lora_cfg.quantize_base} trains in one process; "
                                        "on several GPUs use trainer=fsdp, which shards the bf16 base instead "
                                        "(adapter.quantize_base=null)")
-                quantize_base(self.model, self.lora_cfg["quantize_base"])
+                quantize_base(self.model, self.lora_cfg.quantize_base)
             parallel.parallelize(self.model, self.parallel_cfg, mesh, device=device)
             self.ema.shard_like(self.model)
         if mesh is not None and self.parallel_cfg.shard_frozen:
@@ -209,7 +234,7 @@ class FlowStage(L.LightningModule):
     def dropout_rng(self, seed: int, device: torch.device):
         """The random state of a forward with adapter dropout: `seed` (one per micro-batch, like
         the noise), the global generator untouched (`kontext.lora.seeded_rng`); else nothing."""
-        dropout = self.lora_cfg is not None and self.lora_cfg["dropout"] > 0
+        dropout = self.lora_cfg is not None and self.lora_cfg.dropout > 0
         return seeded_rng(seed, device) if dropout else contextlib.nullcontext()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -256,7 +281,7 @@ class FlowStage(L.LightningModule):
         return x, ctx, txt.to(x.dtype), vec.to(x.dtype)
 
     def mu(self, n_img: int) -> float:
-        mu = self.time_cfg["mu"]
+        mu = self.time_cfg.mu
         return flow.mu_for_tokens(n_img) if mu == "auto" else float(mu)
 
     # -- training ------------------------------------------------------------------------
@@ -266,7 +291,7 @@ class FlowStage(L.LightningModule):
         b, n_img = tokens.img.shape[0], tokens.n_img
         gen = self.noise_generator(batch_idx, x.device)
         noise = torch.randn(tokens.img.shape, generator=gen, device=x.device, dtype=tokens.img.dtype)
-        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=gen, device=x.device)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg.sigma, generator=gen, device=x.device)
         z_t = flow.interpolate(tokens.img, noise, t)
         guidance = self.train_guidance if self.params.guidance_embed else None
         with self.dropout_rng(gen.initial_seed() + 1, x.device):
@@ -282,7 +307,7 @@ class FlowStage(L.LightningModule):
         step = self.trainer.global_step
         if step != self._last_ema_step:  # an optimizer step happened (accumulation-safe)
             self._last_ema_step = step
-            every = self.val_cfg["every_n_steps"]
+            every = self.val_cfg.every_n_steps
             if every and step % every == 0 and self.trainer.is_global_zero:
                 self.quick_benchmark(step)
 
@@ -307,7 +332,7 @@ class FlowStage(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        return [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
+        return [{"params": decay, "weight_decay": self.optim_cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
@@ -358,8 +383,8 @@ class FlowStage(L.LightningModule):
 
         start = time.perf_counter()
         with self.averaged():
-            report = run_benchmark(self.pipeline(), n_per_op=self.val_cfg["cases_per_op"],
-                                   steps=self.val_cfg["steps"], chains=0)
+            report = run_benchmark(self.pipeline(), n_per_op=self.val_cfg.cases_per_op,
+                                   steps=self.val_cfg.steps, chains=0)
         metrics = {f"val/{k}": v for k, v in report.flat_metrics().items()}
         metrics["val/seconds"] = time.perf_counter() - start
         for logger in self.loggers:

@@ -28,7 +28,7 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
 
         from kontext.lora_files import save_adapter_files
 
-        info = {"targets": list(stage.lora_cfg["targets"]), "base": str(stage.init_from),
+        info = {"targets": list(stage.lora_cfg.targets), "base": str(stage.init_from),
                 "flux_params": asdict(stage.params), "steps": int(stage.trainer.global_step)}
         files = save_adapter_files(adapter, run_dir / "lora", info)
         written["lora"], written["lora_diffusers"] = files["reference"], files["diffusers"]

@@ -28,6 +28,7 @@ Everything else (EMA, optimizer, benchmark, export) is the flow stage's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,8 @@ from kontext.config_check import options
 from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage
+from kontext.stages.flow import FlowStage, Validation
+from kontext.stages.schedule import AdamWOptions
 from kontext.stages.teacher import Teacher, check_student
 
 
@@ -61,8 +63,8 @@ class _Path:
 
 # Defaults written once (configs/stage/guidance_distill.yaml mirrors them): a student that
 # starts from its teacher moves slowly; its new guidance embedder learns at `guidance_lr`.
-OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 3e-5, "warmup_steps": 50}
-VALIDATION = {**flow_stage.VALIDATION, "steps": 20}
+OPTIMIZER = dataclasses.replace(flow_stage.OPTIMIZER, lr=3e-5, warmup_steps=50)
+VALIDATION = dataclasses.replace(flow_stage.VALIDATION, steps=20)
 
 
 class GuidanceDistillStage(FlowStage):
@@ -76,10 +78,10 @@ class GuidanceDistillStage(FlowStage):
         guidance_lr: float | None = 1e-3,
         points: str = "data",
         trajectory_steps: int = 20,
-        optimizer: dict | None = None,
+        optimizer: AdamWOptions | dict | None = None,
         ema_decay: float = 0.999,
         time_sampling: dict | None = None,
-        validation: dict | None = None,
+        validation: Validation | dict | None = None,
         finish: dict | None = None,
         parallel: Any = None,
     ):
@@ -147,7 +149,7 @@ class GuidanceDistillStage(FlowStage):
         tokens = packing.prepare(x, ctx)
         b, n_img = tokens.img.shape[0], tokens.n_img
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
-        t = flow.sample_t(b, self.mu(n_img), self.time_cfg["sigma"], generator=generator, device=x.device).to(x.dtype)
+        t = flow.sample_t(b, self.mu(n_img), self.time_cfg.sigma, generator=generator, device=x.device).to(x.dtype)
         z_t = flow.interpolate(tokens.img, noise, t)
         if w is None:
             w = distill.sample_guidance(b, *self.guidance_range, generator=generator, device=x.device)

@@ -35,6 +35,8 @@ default all of them, then 0), which the run's pipeline carries into the export.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,17 +49,74 @@ from kontext.discriminator import Discriminator, resolve_blocks
 from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage
+from kontext.stages.flow import FlowStage, Validation
+from kontext.stages.schedule import AdamWOptions
 from kontext.stages.teacher import Teacher, check_student, load_teacher
 
+
+@dataclass
+class DiscriminatorOptimizer:
+    """AdamW of the discriminator heads (no schedule)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class Reals:
+    """The clean samples the discriminator sees as real: the teacher's own CFG samples
+    (`steps` steps at guidance `cfg`), or the dataset's target latents (`data`)."""
+
+    source: str = "teacher"
+    steps: int = 20
+    cfg: float = 4.0
+
+    def __post_init__(self):
+        if self.source not in ("teacher", "data"):
+            raise KontextError(f"reals.source must be teacher or data, got {self.source!r}")
+
+
+@dataclass
+class Renoise:
+    """The discriminator's re-noising times: logit-normal (m, s), one per sample or `shared`."""
+
+    m: float = 1.0
+    s: float = 1.0
+    shared: bool = False
+
+
+@dataclass
+class DiscriminatorHeads:
+    """The heads on the teacher's features: after `blocks` (None: a spread of blocks), `channels` wide."""
+
+    blocks: list[int] | None = None
+    channels: int = 64
+
+
+@dataclass
+class Updates:
+    """The update cycle: `generator` student updates, then `discriminator` head updates."""
+
+    generator: int = 1
+    discriminator: int = 1
+
+    def __post_init__(self):
+        if min(self.generator, self.discriminator) < 0 or self.generator + self.discriminator < 1:
+            raise KontextError(f"updates must be non-negative counts with a positive sum, got {self}")
+
+
 # Defaults written once (configs/stage/ladd.yaml mirrors them).
-OPTIMIZER = {**flow_stage.OPTIMIZER, "lr": 1e-5, "warmup_steps": 20, "decay": "none", "min_lr_ratio": 1.0}
-DISCRIMINATOR_OPTIMIZER = {"lr": 1e-4, "betas": (0.0, 0.99), "weight_decay": 0.0}
-VALIDATION = {**flow_stage.VALIDATION, "steps": None}  # None: the student's own time list
-REALS = {"source": "teacher", "steps": 20, "cfg": 4.0}
-RENOISE = {"m": 1.0, "s": 1.0, "shared": False}
-DISCRIMINATOR = {"blocks": None, "channels": 64}
-UPDATES = {"generator": 1, "discriminator": 1}
+OPTIMIZER = dataclasses.replace(flow_stage.OPTIMIZER, lr=1e-5, warmup_steps=20, decay="none", min_lr_ratio=1.0)
+DISCRIMINATOR_OPTIMIZER = DiscriminatorOptimizer()
+VALIDATION = dataclasses.replace(flow_stage.VALIDATION, steps=None)  # None: the student's own time list
+REALS = Reals()
+RENOISE = Renoise()
+DISCRIMINATOR = DiscriminatorHeads()
+UPDATES = Updates()
 
 
 class LADDStage(FlowStage):
@@ -72,19 +131,19 @@ class LADDStage(FlowStage):
         student_timesteps: list[float] = (1.0, 0.75, 0.5, 0.25),
         student_timestep_probs: list[float] | None = None,
         student_inputs: str = "data",
-        reals: dict | None = None,
-        renoise: dict | None = None,
-        discriminator: dict | None = None,
+        reals: Reals | dict | None = None,
+        renoise: Renoise | dict | None = None,
+        discriminator: DiscriminatorHeads | dict | None = None,
         loss: str = "hinge",
         r1_weight: float = 0.0,
         distill_weight: float = 0.0,
         adversarial_weight: float = 1.0,
-        updates: dict | None = None,
-        optimizer: dict | None = None,
-        discriminator_optimizer: dict | None = None,
+        updates: Updates | dict | None = None,
+        optimizer: AdamWOptions | dict | None = None,
+        discriminator_optimizer: DiscriminatorOptimizer | dict | None = None,
         grad_clip: float | None = 1.0,
         ema_decay: float = 0.99,
-        validation: dict | None = None,
+        validation: Validation | dict | None = None,
         finish: dict | None = None,
         parallel: Any = None,
     ):
@@ -102,22 +161,18 @@ class LADDStage(FlowStage):
         self.student_inputs = student_inputs
         self.sample_times = self._sample_times((finish or {}).get("sampler", {}).get("timesteps"))
         self.reals_cfg = options(REALS, reals, "reals")
-        if self.reals_cfg["source"] not in ("teacher", "data"):
-            raise KontextError(f"reals.source must be teacher or data, got {self.reals_cfg['source']!r}")
         self.renoise_cfg = options(RENOISE, renoise, "renoise")
         self.d_loss_fn, self.g_loss_fn = distill.gan_losses(loss)
         self.r1_weight = float(r1_weight)
         self.distill_weight = float(distill_weight)
         self.adversarial_weight = float(adversarial_weight)
         self.cycle = options(UPDATES, updates, "updates")
-        if min(self.cycle.values()) < 0 or sum(self.cycle.values()) < 1:
-            raise KontextError(f"updates must be non-negative counts with a positive sum, got {self.cycle}")
         self.d_optim_cfg = options(DISCRIMINATOR_OPTIMIZER, discriminator_optimizer, "discriminator_optimizer")
         self.grad_clip = grad_clip
         d_cfg = options(DISCRIMINATOR, discriminator, "discriminator")
-        self.feature_blocks = resolve_blocks(self.model, d_cfg["blocks"])
+        self.feature_blocks = resolve_blocks(self.model, d_cfg.blocks)
         self.discriminator = Discriminator(model.hidden_size, model.vec_in_dim, len(self.feature_blocks),
-                                           int(d_cfg["channels"]))
+                                           int(d_cfg.channels))
         self._gen: torch.Generator | None = None  # this update's noise (see FlowStage.noise_generator)
 
     def _sample_times(self, times: list[float] | None) -> list[float]:
@@ -170,8 +225,8 @@ class LADDStage(FlowStage):
     def configure_optimizers(self):
         student = super().configure_optimizers()
         d = self.d_optim_cfg
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=d["lr"], betas=tuple(d["betas"]),
-                                  weight_decay=d["weight_decay"])
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=d.lr, betas=d.betas,
+                                  weight_decay=d.weight_decay)
         return [student["optimizer"], opt_d], [student["lr_scheduler"]["scheduler"]]
 
     # -- pieces ----------------------------------------------------------------------------------
@@ -190,11 +245,11 @@ class LADDStage(FlowStage):
         sample (the rectified-flow "reflow" coupling) with ``student_inputs: data``, which makes
         ``distill_weight``'s regression target well defined."""
         noise = self._randn(tokens.img)
-        if self.reals_cfg["source"] == "data":
+        if self.reals_cfg.source == "data":
             return tokens.img, noise
         r = self.reals_cfg
-        times = flow.schedule(int(r["steps"]), tokens.n_img)
-        return self.teacher.sample(tokens, noise, txt, vec, times, float(r["cfg"])), noise
+        times = flow.schedule(int(r.steps), tokens.n_img)
+        return self.teacher.sample(tokens, noise, txt, vec, times, float(r.cfg)), noise
 
     def _student_v(self, x_t: Tensor, t: Tensor, tokens: packing.KontextTokens, txt: Tensor, vec: Tensor) -> Tensor:
         """The student's velocity on the target tokens (B, L_img, C) at x_t (B, L_img, C), times t (B,)."""
@@ -235,11 +290,11 @@ class LADDStage(FlowStage):
 
     def _t_hat(self, b: int, like: Tensor) -> Tensor:
         r = self.renoise_cfg
-        return distill.sample_renoise_t(b, r["m"], r["s"], generator=self._gen, device=like.device).to(like.dtype)
+        return distill.sample_renoise_t(b, r.m, r.s, generator=self._gen, device=like.device).to(like.dtype)
 
     # -- training ---------------------------------------------------------------------------------
     def is_generator_update(self, update: int) -> bool:
-        return update % (self.cycle["generator"] + self.cycle["discriminator"]) < self.cycle["generator"]
+        return update % (self.cycle.generator + self.cycle.discriminator) < self.cycle.generator
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x, ctx, txt, vec = self.encode_batch(batch)
@@ -284,7 +339,7 @@ class LADDStage(FlowStage):
         with torch.no_grad():
             x0_hat = self.student_x0(x0, noise, tokens, txt, vec)
             t_fake, noise_fake = self._t_hat(b, x0), self._randn(x0)
-            shared = self.renoise_cfg["shared"]
+            shared = self.renoise_cfg.shared
             t_real = t_fake if shared else self._t_hat(b, x0)
             noise_real = noise_fake if shared else self._randn(x0)
             feats_fake = self.features(x0_hat, t_fake, noise_fake, tokens, txt, vec)
@@ -308,7 +363,7 @@ class LADDStage(FlowStage):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.trainer.global_step
-        every = self.val_cfg["every_n_steps"]
+        every = self.val_cfg.every_n_steps
         if every and step % every == 0 and self.trainer.is_global_zero:
             self.quick_benchmark(step)
 
