@@ -381,7 +381,7 @@ def test_stage_options_are_typed_and_their_defaults_written_once():
     from kontext.model import FLUX_PRESETS
     from kontext.stages import flow, guidance_distill, ladd
     from kontext.stages.flow import FlowStage
-    from kontext.stages.schedule import AdamWOptions
+    from kontext.stages.options import AdamWOptions
 
     stage = FlowStage(FLUX_PRESETS["tiny"], optimizer={"lr": 1e-3, "betas": [0.8, 0.9]}, time_sampling={"mu": 0.5})
     assert stage.optim_cfg == dataclasses.replace(flow.OPTIMIZER, lr=1e-3, betas=(0.8, 0.9))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,35 +45,11 @@ from kontext.lora import (
 from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, init_like_construction, load_flux
 from kontext.parallel import ParallelConfig
 from kontext.slices import FileRows
-from kontext.stages.schedule import AdamWOptions, adamw_with_schedule
+from kontext.stages.options import AdamWOptions, TimeSampling, Validation
+from kontext.stages.schedule import adamw_with_schedule
 
-# The stage's options and their defaults, written once (configs/stage/flow.yaml mirrors them,
-# tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
-
-
-@dataclass
-class TimeSampling:
-    """Logit-normal training times: N(mu, sigma) through a sigmoid; mu `auto` follows the target
-    token count (the resolution-dependent shift, `kontext.flow.mu_for_tokens`)."""
-
-    sigma: float = 1.0
-    mu: float | str = "auto"
-
-    def __post_init__(self):
-        if self.mu != "auto" and not isinstance(self.mu, int | float):
-            raise KontextError(f"time_sampling.mu must be a number or auto, got {self.mu!r}")
-
-
-@dataclass
-class Validation:
-    """The benchmark on the EMA weights every `every_n_steps` (0: never), `cases_per_op` cases
-    per operation sampled with `steps` steps (None: the sampler's own)."""
-
-    every_n_steps: int = 0
-    cases_per_op: int = 8
-    steps: int | None = 8
-
-
+# The stage's options and their defaults, written once (kontext.stages.options; configs/stage/flow.yaml
+# mirrors them, tests/test_train.py checks it): the embedded default's recipe, a small model from scratch.
 OPTIMIZER = AdamWOptions()
 TIME_SAMPLING = TimeSampling()
 VALIDATION = Validation()

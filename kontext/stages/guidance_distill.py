@@ -40,8 +40,8 @@ from kontext.config_check import options
 from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage, Validation
-from kontext.stages.schedule import AdamWOptions
+from kontext.stages.flow import FlowStage
+from kontext.stages.options import AdamWOptions, Validation
 from kontext.stages.teacher import Teacher, check_student
 
 

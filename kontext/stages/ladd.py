@@ -36,7 +36,6 @@ default all of them, then 0), which the run's pipeline carries into the export.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,65 +48,17 @@ from kontext.discriminator import Discriminator, resolve_blocks
 from kontext.errors import KontextError
 from kontext.model import FluxParams
 from kontext.stages import flow as flow_stage
-from kontext.stages.flow import FlowStage, Validation
-from kontext.stages.schedule import AdamWOptions
+from kontext.stages.flow import FlowStage
+from kontext.stages.options import (
+    AdamWOptions,
+    DiscriminatorHeads,
+    DiscriminatorOptimizer,
+    Reals,
+    Renoise,
+    Updates,
+    Validation,
+)
 from kontext.stages.teacher import Teacher, check_student, load_teacher
-
-
-@dataclass
-class DiscriminatorOptimizer:
-    """AdamW of the discriminator heads (no schedule)."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.0, 0.99)
-    weight_decay: float = 0.0
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-
-
-@dataclass
-class Reals:
-    """The clean samples the discriminator sees as real: the teacher's own CFG samples
-    (`steps` steps at guidance `cfg`), or the dataset's target latents (`data`)."""
-
-    source: str = "teacher"
-    steps: int = 20
-    cfg: float = 4.0
-
-    def __post_init__(self):
-        if self.source not in ("teacher", "data"):
-            raise KontextError(f"reals.source must be teacher or data, got {self.source!r}")
-
-
-@dataclass
-class Renoise:
-    """The discriminator's re-noising times: logit-normal (m, s), one per sample or `shared`."""
-
-    m: float = 1.0
-    s: float = 1.0
-    shared: bool = False
-
-
-@dataclass
-class DiscriminatorHeads:
-    """The heads on the teacher's features: after `blocks` (None: a spread of blocks), `channels` wide."""
-
-    blocks: list[int] | None = None
-    channels: int = 64
-
-
-@dataclass
-class Updates:
-    """The update cycle: `generator` student updates, then `discriminator` head updates."""
-
-    generator: int = 1
-    discriminator: int = 1
-
-    def __post_init__(self):
-        if min(self.generator, self.discriminator) < 0 or self.generator + self.discriminator < 1:
-            raise KontextError(f"updates must be non-negative counts with a positive sum, got {self}")
-
 
 # Defaults written once (configs/stage/ladd.yaml mirrors them).
 OPTIMIZER = dataclasses.replace(flow_stage.OPTIMIZER, lr=1e-5, warmup_steps=20, decay="none", min_lr_ratio=1.0)

@@ -5,36 +5,12 @@ trainer's time budget."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from kontext.errors import KontextError
-
-DECAYS = ("cosine", "linear", "none")
-
-
-@dataclass
-class AdamWOptions:
-    """A flow stage's `optimizer` options; the defaults are the embedded default's recipe (a small
-    model from scratch; configs/stage/flow.yaml mirrors them, tests/test_train.py checks it)."""
-
-    lr: float = 4e-3
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    decay: str = "cosine"          # cosine | linear | none, after the warm-up
-    min_lr_ratio: float = 0.1      # the decay's floor, as a share of lr
-    decay_by: str = "steps"        # steps | max_time (the trainer's time budget)
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        if self.decay not in DECAYS:
-            raise KontextError(f"optimizer.decay must be one of {DECAYS}, got {self.decay!r}")
-        if self.decay_by not in ("steps", "max_time"):
-            raise KontextError(f"optimizer.decay_by must be steps or max_time, got {self.decay_by!r}")
+from kontext.stages.options import DECAYS, AdamWOptions
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str = "cosine", floor: float = 0.1,
