@@ -227,3 +227,31 @@ def test_a_model_initialised_shard_by_shard_is_the_one_process_model(tmp_path):
     want = Flux(get_params("tiny")).state_dict()
     assert torch.equal(after, torch.get_rng_state())
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_training_from_scratch_under_fsdp_built_on_meta_matches_a_whole_build(data_root, random_ae, tmp_path):  # noqa: F811
+    """`train.py` from scratch on 2 processes: built on `meta` with each rank drawing its rows
+    (the default under FSDP), the run's losses and its sharded checkpoint are those of the
+    whole build on each rank (`parallel.meta_build=false`), bit for bit."""
+    import csv
+
+    from kontext.checkpoint import consolidate
+
+    def run(name: str, *extra: str) -> list[float]:
+        args = [*tiny_overrides(data_root, random_ae), f"paths.output_dir={tmp_path / name}", "trainer=fsdp",
+                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                "data.batch_size=2", "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / "train.py"), *args], cwd=data_root, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (metrics,) = (tmp_path / name / "csv").glob("version_*/metrics.csv")
+        with open(metrics) as f:
+            return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    meta, whole = run("meta"), run("whole", "parallel.meta_build=false")
+    assert "meta_build: true" in (tmp_path / "meta" / "config.yaml").read_text()
+    assert len(meta) == 3 and meta == whole, (meta, whole)
+    a, b = (consolidate(tmp_path / name / "checkpoints" / "last.ckpt", "state_dict.model.") for name in ("meta", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
