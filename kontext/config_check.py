@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kontext.data.buckets import REFERENCE_SIZES
 from kontext.errors import KontextError
+from kontext.stages.options import DECAY_BY, DECAYS
 
 T = TypeVar("T")
 
@@ -178,8 +179,8 @@ KEYS: dict[str, object] = {
     "stage.optimizer.betas": Pair(),
     "stage.optimizer.weight_decay": Num(0, real=True),
     "stage.optimizer.warmup_steps": COUNT,
-    "stage.optimizer.decay": Choice(("cosine", "linear", "none")),
-    "stage.optimizer.decay_by": Choice(("steps", "max_time")),
+    "stage.optimizer.decay": Choice(DECAYS),
+    "stage.optimizer.decay_by": Choice(DECAY_BY),
     "stage.optimizer.min_lr_ratio": FRACTION,
     "stage.discriminator_optimizer.lr": Num(0, real=True, null=True),
     "stage.discriminator_optimizer.betas": Pair(),

@@ -29,6 +29,7 @@ from kontext.config_check import options
 from kontext.ema import EMA, mirror
 from kontext.errors import KontextError
 from kontext.lora import (
+    LoraOptions,
     adapted_layers,
     adapters,
     add_adapters,
@@ -73,7 +74,7 @@ class FlowStage(L.LightningModule):
         validation: Validation | dict | None = None,
         finish: dict | None = None,
         parallel: ParallelConfig | None = None,
-        lora: dict | None = None,
+        lora: LoraOptions | dict | None = None,
     ):
         super().__init__()
         self.params = model

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kontext.errors import KontextError
 
 DECAYS = ("cosine", "linear", "none")
+DECAY_BY = ("steps", "max_time")
 
 
 @dataclass
@@ -32,7 +33,7 @@ class AdamWOptions:
         self.betas = tuple(self.betas)
         if self.decay not in DECAYS:
             raise KontextError(f"optimizer.decay must be one of {DECAYS}, got {self.decay!r}")
-        if self.decay_by not in ("steps", "max_time"):
+        if self.decay_by not in DECAY_BY:
             raise KontextError(f"optimizer.decay_by must be steps or max_time, got {self.decay_by!r}")
 
 
