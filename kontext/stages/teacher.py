@@ -80,11 +80,14 @@ def load_sharded_teacher(params: FluxParams, rows: slices.Rows, mesh, dtype: tor
     return model
 
 
-def source_rows(source: str | os.PathLike, what: str = "teacher",
+def source_rows(source: str | os.PathLike | Flux, what: str = "teacher",
                 read: bool = True) -> tuple[FluxParams, slices.Rows | None]:
     """The architecture of a teacher or student source and a reader of its weights' rows,
     nothing read yet (:func:`kontext.artifact.weight_rows`); a LoRA run's weights are merged
-    whole (said in the log), unless `read=False`, which gives the architecture alone."""
+    whole (said in the log), unless `read=False`, which gives the architecture alone. A model in
+    memory is its own rows."""
+    if isinstance(source, Flux):
+        return source.params, slices.TensorRows(source.state_dict())
     from kontext.artifact import weight_rows
 
     path = Path(source).expanduser()
@@ -135,15 +138,14 @@ class Teacher:
     def read_params(self, text=None) -> FluxParams:
         """The teacher's architecture, no weight read; ``text`` as for `load`."""
         self.text = text
-        self._params = self.source.params if isinstance(self.source, Flux) else source_rows(self.source, read=False)[0]
+        self._params = source_rows(self.source, read=False)[0]
         return self._params
 
     def rows(self) -> tuple[FluxParams, slices.Rows]:
         """The teacher's architecture and a reader of its rows, kept until `place` (a LoRA run's
         merge is computed once, for the student and the teacher)."""
         if self._rows is None:
-            self._rows = (self.source.params, slices.TensorRows(self.source.state_dict())) \
-                if isinstance(self.source, Flux) else source_rows(self.source, "teacher")
+            self._rows = source_rows(self.source, "teacher")
         return self._rows
 
     def place(self, mesh, dtype: torch.dtype, device: str | torch.device, shard: bool) -> Flux:
