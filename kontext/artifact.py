@@ -140,32 +140,23 @@ def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = Non
     """The architecture of `source` (as `read_artifact` reads it) and a reader of its weights'
     rows (:mod:`kontext.slices`) that has read no tensor yet: a model sharded on `meta` takes
     only its rows from it. No reader (None) for a LoRA run, whose weights are a merge computed whole."""
-    from kontext.model import CHECKPOINT_PREFIXES, get_params
+    from kontext.model import CHECKPOINT_PREFIXES, file_params
     from kontext.slices import FileRows, FolderRows, TensorRows
 
     kind, path, config = locate(source)
     if kind == "file":
-        if params is None:
-            from kontext.model import PARAMS_METADATA_KEY
-            from kontext.weights import WeightsError, read_metadata
-
-            meta = read_metadata(path)
-            if PARAMS_METADATA_KEY not in meta:
-                raise WeightsError(f"{path} records no FluxParams; pass params (e.g. 'flux-dev-kontext')")
-            params = FluxParams(**json.loads(meta[PARAMS_METADATA_KEY]))
-        return get_params(params), FileRows(path, CHECKPOINT_PREFIXES)
+        return file_params(path, params), FileRows(path, CHECKPOINT_PREFIXES)
     if kind == "export":
         return _export_params(path, read_export_config(path)), FileRows(path / "transformer.safetensors",
                                                                         CHECKPOINT_PREFIXES)
-    artifact = _read_checkpoint(path, config, raw, weights=False)
+    # A checkpoint file's tensors are memory-mapped, not read (rows are read as touched); a
+    # sharded folder's are read one tensor at a time.
+    artifact = _read_checkpoint(path, config, raw, weights=path.is_file())
     if artifact.lora is not None:
         return artifact.params, None
-    prefix = "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX)
     if path.is_dir():
-        return artifact.params, FolderRows(path, prefix)
-    from kontext.checkpoint import consolidate
-
-    return artifact.params, TensorRows(consolidate(path, prefix))  # memory-mapped: rows are read as touched
+        return artifact.params, FolderRows(path, "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX))
+    return artifact.params, TensorRows(artifact.raw if raw else artifact.ema)
 
 
 def locate(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None,

@@ -269,14 +269,19 @@ def read_flux(
     params: FluxParams | str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[FluxParams, dict[str, Tensor]]:
-    """A reference-format transformer file's params (default: the ones `save_flux` recorded in its
-    metadata) and its weights, read to `device`."""
+    """A reference-format transformer file's params (`file_params`) and its weights, read to `device`."""
+    return file_params(path, params), strip_prefix(read_safetensors(path, device=device), CHECKPOINT_PREFIXES)
+
+
+def file_params(path: str | os.PathLike, params: FluxParams | str | None = None) -> FluxParams:
+    """`params` (a preset name or FluxParams), by default the ones `save_flux` recorded in the
+    metadata of the reference-format file `path` (its header alone is read)."""
     if params is None:
         meta = read_metadata(path)
         if PARAMS_METADATA_KEY not in meta:
             raise WeightsError(f"{path} records no FluxParams; pass params (e.g. 'flux-dev-kontext')")
         params = FluxParams(**json.loads(meta[PARAMS_METADATA_KEY]))
-    return get_params(params), strip_prefix(read_safetensors(path, device=device), CHECKPOINT_PREFIXES)
+    return get_params(params)
 
 
 def flux_from_weights(params: FluxParams, weights: dict[str, Tensor], what: str = "Flux weights",

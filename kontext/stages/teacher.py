@@ -138,7 +138,9 @@ class Teacher:
     def read_params(self, text=None) -> FluxParams:
         """The teacher's architecture, no weight read; ``text`` as for `load`."""
         self.text = text
-        self._params = source_rows(self.source, read=False)[0]
+        self._params, rows = source_rows(self.source, read=False)
+        if rows is not None:  # kept for `rows` (none for a LoRA run, merged only when needed)
+            self._rows = (self._params, rows)
         return self._params
 
     def rows(self) -> tuple[FluxParams, slices.Rows]:
