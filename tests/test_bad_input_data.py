@@ -58,8 +58,10 @@ def test_manifest_records_of_wrong_types_are_skipped_with_reasons(tmp_path):
     rows = [good] + [r for r, _ in RECORD_CASES] + [good]
     report = import_jsonl(_manifest(tmp_path, rows), ShardWriter(str(tmp_path / "o" / "m-%03d.tar")))
     assert report.written == 2 and len(report.skipped) == len(RECORD_CASES)
-    expected = [(f"{tmp_path}/m.jsonl:{i}", why.replace("{d}", str(tmp_path))) for i, (_, why) in
-                enumerate(RECORD_CASES, start=2)]
+    # A record too malformed to read has no key; the others are named by the key they would have had.
+    expected = [(f"{tmp_path}/m.jsonl:{i}", why.replace("{d}", str(tmp_path)),
+                 None if why.startswith("bad manifest line") else f"{Path(row['target']).stem}-{i:08d}")
+                for i, (row, why) in enumerate(RECORD_CASES, start=2)]
     assert report.skipped == expected
     assert _keys(report.shards) == ["t-00000001", f"t-{len(rows):08d}"]
 
@@ -93,7 +95,8 @@ def test_a_folder_caption_in_another_encoding_is_a_skip_with_its_reason(tmp_path
     _img(tmp_path / "t" / "b.png")
     (tmp_path / "t" / "b.txt").write_text("fine")
     report = import_main([f"out={tmp_path}/o", f"folder={tmp_path}/t"])
-    assert report.written == 1 and [r.split(":")[0] for _, r in report.skipped] == ["unreadable instruction"]
+    assert report.written == 1 and [(s.reason.split(":")[0], s.key) for s in report.skipped] == [
+        ("unreadable instruction", "a")]
 
 
 IMPORT_CASES = [  # (arguments, the one-line error); {d} is the test's folder
@@ -194,3 +197,20 @@ def test_entry_points_print_one_line(tmp_path):
                            f"manifest={tmp_path}/m.jsonl"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"error: manifest={tmp_path}/m.jsonl is a folder; give the .jsonl file (or folder={tmp_path}/m.jsonl)"]
+
+
+def test_the_first_skips_are_printed_and_the_report_keeps_all(tmp_path, capsys):
+    _img(tmp_path / "t.png")
+    rows = [{"instruction": "x", "target": f"gone{i}.png", "key": f"k{i}"} for i in range(23)]
+    rows.append({"instruction": "x", "target": "t.png"})
+    import_main([f"out={tmp_path}/o", f"manifest={_manifest(tmp_path, rows)}"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["wrote 1 samples to 1 shards; skipped 23", "      23  missing file"]
+    assert printed[2] == f"  skipped {tmp_path}/m.jsonl:1 (key k0): missing file: {tmp_path}/gone0.png"
+    assert len([p for p in printed if p.startswith("  skipped ")]) == 20
+    assert printed[-1] == "  ... and 3 more (report=FILE lists all)"
+    import_main([f"out={tmp_path}/o2", f"manifest={tmp_path}/m.jsonl", f"report={tmp_path}/r.json"])
+    saved = json.loads((tmp_path / "r.json").read_text())["skipped"]
+    assert [s["key"] for s in saved] == [f"k{i}" for i in range(23)]
+    assert saved[22] == {"item": f"{tmp_path}/m.jsonl:23", "reason": f"missing file: {tmp_path}/gone22.png",
+                         "key": "k22"}

@@ -44,6 +44,13 @@ def test_folder_import_round_trips_bits_and_reports_skips(tmp_path):
     _img(ra / "noref.png", seed=7)  # missing in refs_b
     (t / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
     (t / "broken.txt").write_text("x")
+    _img(ra / "broken.png", seed=8)
+    _img(rb / "broken.png", seed=8)
+    for suffix in ("png", "webp"):  # two targets of one name: the second is a duplicate key
+        _img(t / f"dup.{suffix}", seed=9, fmt=suffix.upper())
+    (t / "dup.txt").write_text("x")
+    _img(ra / "dup.png", seed=9)
+    _img(rb / "dup.png", seed=9)
     _img(t / "tiny.png", (8, 8))
     (t / "tiny.txt").write_text("x")
     _img(ra / "tiny.png", (8, 8))
@@ -55,15 +62,18 @@ def test_folder_import_round_trips_bits_and_reports_skips(tmp_path):
 
     writer = ShardWriter(str(tmp_path / "out" / "pairs-%06d.tar"), maxcount=2)
     report = import_folder(t, [ra, rb], writer, task="edit")
-    assert report.written == 4 and len(report.shards) == 2
-    reasons = {item.split("/")[-1]: r for item, r in report.skipped}
-    assert set(reasons) == {"nocaption.png", "noref.png", "broken.png", "tiny.png", "empty.png"}
+    assert report.written == 5 and len(report.shards) == 3
+    reasons = {skip.item.split("/")[-1]: skip.reason for skip in report.skipped}
+    assert set(reasons) == {"nocaption.png", "noref.png", "broken.png", "tiny.png", "empty.png", "dup.webp"}
+    assert [skip.key for skip in report.skipped] == ["broken", "dup", "empty", "nocaption", "noref", "tiny"]
+    assert reasons["dup.webp"] == f"duplicate key 'dup': also {t}/dup.png"
     assert "no instruction" in reasons["nocaption.png"] and "missing reference" in reasons["noref.png"]
     assert "smaller than 16" in reasons["tiny.png"] and "empty instruction" in reasons["empty.png"]
-    assert "skipped 5" in report.summary()
+    assert reasons["broken.png"].startswith(f"unreadable image: {t}/broken.png: ")
+    assert "skipped 6" in report.summary()
 
     recs = _read_all(report.shards)
-    assert set(recs) == {"cat", "dog", "sub__owl", "bmp"}
+    assert set(recs) == {"cat", "dog", "sub__owl", "bmp", "dup"}
     for name in ["cat", "dog", "sub/owl"]:
         r = recs[name.replace("/", "__")]
         assert r["target.png"] == (t / f"{name}.png").read_bytes()  # bit-exact
@@ -102,8 +112,9 @@ def test_jsonl_import(tmp_path):
     (tmp_path / "m.jsonl").write_text(text)
     report = import_jsonl(tmp_path / "m.jsonl", ShardWriter(str(tmp_path / "o" / "m-%03d.tar")))
     assert report.written == 3 and len(report.skipped) == 4
-    assert [r.split(":")[0] for _, r in report.skipped] == ["bad manifest line", "missing file",
-                                                           "bad manifest line", "duplicate key 'multi'"]
+    assert [(s.reason.split(":")[0], s.key) for s in report.skipped] == [
+        ("bad manifest line", None), ("missing file", "t1-00000006"), ("bad manifest line", None),
+        ("duplicate key 'multi'", "multi")]
     recs = _read_all(report.shards)
     multi = recs["multi"]
     assert [multi[f"ref{i}.{e}"] for i, e in enumerate(["png", "jpg", "png"])] == [

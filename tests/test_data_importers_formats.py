@@ -63,11 +63,11 @@ def test_jsonl_with_other_field_names_and_a_list_of_references(tmp_path):
     m = tmp_path / "m.jsonl"
     assert report.written == 3
     assert report.skipped == [
-        (f"{m}:4", f"missing file: {tmp_path}/gone.png"),
-        (f"{m}:5", f"empty instruction for {tmp_path}/t1.png"),
-        (f"{m}:6", "duplicate key 'one': also " + f"{m}:2"),
-        (f"{m}:7", f"unreadable image: {tmp_path}/broken.png: Truncated File Read"),
-        (f"{m}:8", "bad manifest line: input_images must be a path, a list of paths or null, got 5"),
+        (f"{m}:4", f"missing file: {tmp_path}/gone.png", "missing"),
+        (f"{m}:5", f"empty instruction for {tmp_path}/t1.png", "empty"),
+        (f"{m}:6", "duplicate key 'one': also " + f"{m}:2", "one"),
+        (f"{m}:7", f"unreadable image: {tmp_path}/broken.png: Truncated File Read", "corrupt"),
+        (f"{m}:8", "bad manifest line: input_images must be a path, a list of paths or null, got 5", "typed"),
     ]
     recs = _read_all(report.shards)
     assert set(recs) == {"two", "one", "none"}
@@ -130,12 +130,12 @@ def test_metadata_csv_with_two_reference_columns(tmp_path):
     report = import_csv(tmp_path / "metadata.csv", _writer(tmp_path), fields=fields, source="mine")
     c = tmp_path / "metadata.csv"
     assert report.written == 3
-    assert [(item, why.split(": cannot identify")[0]) for item, why in report.skipped] == [
-        (f"{c}:6", f"missing file: {tmp_path}/t/gone.png"),
-        (f"{c}:7", f"empty instruction for {tmp_path}/t/a.png"),
-        (f"{c}:8", f"duplicate key 'second': also {c}:3"),
-        (f"{c}:9", f"unreadable image: {tmp_path}/t/bad.png"),
-        (f"{c}:10", "bad row: 2 cells, the header has 5"),
+    assert [(item, why.split(": cannot identify")[0], key) for item, why, key in report.skipped] == [
+        (f"{c}:6", f"missing file: {tmp_path}/t/gone.png", "fourth"),
+        (f"{c}:7", f"empty instruction for {tmp_path}/t/a.png", "fifth"),
+        (f"{c}:8", f"duplicate key 'second': also {c}:3", "second"),
+        (f"{c}:9", f"unreadable image: {tmp_path}/t/bad.png", "sixth"),
+        (f"{c}:10", "bad row: 2 cells, the header has 5", None),
     ]
     recs = _read_all(report.shards)
     assert set(recs) == {"first", "second", "third"}
@@ -169,34 +169,38 @@ IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 def test_parquet_in_the_magicbrush_layout(tmp_path):
     _img(tmp_path / "src_on_disk.png", seed=9)
-    src = [_png(1), _png(2), _png(3), b"garbage", _png(5)]
-    tgt = [_png(11), _png(12), _png(13), _png(14), _png(15)]
+    src = [_png(1), _png(2), _png(3), b"garbage", _png(5), None, _png(7)]
+    tgt = [_png(11), _png(12), _png(13), _png(14), _png(15), _png(16), _png(17)]
     table = pa.table({
-        "img_id": ["242679", "242679", "1111", "2222", "3333"],
+        "img_id": ["242679", "242679", "1111", "2222", "3333", "4444", "5555"],
         "source_img": pa.array([_image_struct(src[0], "242679-input.png"), _image_struct(src[1]),
                                 _image_struct(None, "src_on_disk.png"), _image_struct(src[3]),
-                                _image_struct(src[4])], IMAGE),
-        "instruction": ["let the dog wear a hat", "make it night", "add snow", "x", ""],
+                                _image_struct(src[4]), _image_struct(None, "not_on_disk.png"),
+                                _image_struct(src[6])], IMAGE),
+        "instruction": ["let the dog wear a hat", "make it night", "add snow", "x", "", "x", "the same key"],
         "target_img": pa.array([_image_struct(t) for t in tgt], IMAGE),
+        "key": ["k0", "k1", "k2", "k3", "k4", "k5", "k1"],
     })
     pq.write_table(table, tmp_path / "train.parquet", row_group_size=2)
     fields = "reference=source_img,instruction=instruction,target=target_img"
     report = import_table(tmp_path / "train.parquet", _writer(tmp_path), fields=fields)
     p = tmp_path / "train.parquet"
     assert report.written == 3
-    assert [(item, why.split(": cannot identify")[0]) for item, why in report.skipped] == [
-        (f"{p}:row 3", f"unreadable image: {p}:row 3 source_img"),
-        (f"{p}:row 4", f"empty instruction for {p}:row 4 target_img"),
+    assert [(item, why.split(": cannot identify")[0], key) for item, why, key in report.skipped] == [
+        (f"{p}:row 3", f"unreadable image: {p}:row 3 source_img", "k3"),
+        (f"{p}:row 4", f"empty instruction for {p}:row 4 target_img", "k4"),
+        (f"{p}:row 5", f"missing file: {tmp_path}/not_on_disk.png", "k5"),
+        (f"{p}:row 6", f"duplicate key 'k1': also {p}:row 1", "k1"),
     ]
     recs = _read_all(report.shards)
-    assert set(recs) == {"train-00000000", "train-00000001", "train-00000002"}
+    assert set(recs) == {"k0", "k1", "k2"}
     for i in range(3):
-        r = recs[f"train-{i:08d}"]
+        r = recs[f"k{i}"]
         assert r["target.png"] == tgt[i] and len(_refs(r)) == 1
         assert np.array_equal(_pixels(r["target.png"]), _pixels(tgt[i]))
-    assert _refs(recs["train-00000000"]) == [src[0]]
-    assert _refs(recs["train-00000002"]) == [(tmp_path / "src_on_disk.png").read_bytes()]
-    assert recs["train-00000001"]["instruction.txt"].decode() == "make it night"
+    assert _refs(recs["k0"]) == [src[0]]
+    assert _refs(recs["k2"]) == [(tmp_path / "src_on_disk.png").read_bytes()]
+    assert recs["k1"]["instruction.txt"].decode() == "make it night"
 
 
 def test_a_datasets_folder_in_the_instructpix2pix_layout(tmp_path):
@@ -228,15 +232,61 @@ def test_a_datasets_folder_in_the_instructpix2pix_layout(tmp_path):
                           "fields=reference=input_image+extra,instruction=edit_prompt,target=edited_image"])
     f1 = d / "data-00001-of-00002.arrow"
     assert report.written == 3
-    assert report.skipped == [(f"{f1}:row 1", f"duplicate key 'k2': also {f1}:row 0"),
+    assert report.skipped == [(f"{f1}:row 1", f"duplicate key 'k2': also {f1}:row 0", "k2"),
                               (f"{f1}:row 2", "bad row: edited_image must be an image (a path, bytes or "
-                                              "{bytes, path}), got None")]
+                                              "{bytes, path}), got None", "k3")]
     recs = _read_all(report.shards)
     assert _refs(recs["k0"]) == [_png(1), _png(2)] and _refs(recs["k1"]) == [_png(4)]
     assert _refs(recs["k2"]) == [_png(6), _png(7), _png(8)]
     assert [recs[k]["target.png"] for k in ("k0", "k1", "k2")] == [_png(3), _png(5), _png(9)]
     assert recs["k2"]["instruction.txt"].decode() == "make it winter"
     assert json.loads(recs["k0"]["meta.json"])["source"] == "ip2p"
+
+
+def test_a_folder_written_by_datasets_save_to_disk(tmp_path, capsys):
+    """A real `datasets.Dataset.save_to_disk` folder (Image features, a list of images as the
+    second reference), with a row without target, an unreadable image, an empty instruction and a
+    duplicate key among its rows. (save_to_disk embeds images given by path, so a missing file
+    cannot occur in one.)"""
+    hf = pytest.importorskip("datasets")
+    _img(tmp_path / "on_disk.png", seed=30)
+    features = hf.Features({"id": hf.Value("string"), "before": hf.Image(), "more": hf.List(hf.Image()),
+                            "instruction": hf.Value("string"), "after": hf.Image()})
+    rows = [  # (id, before, more, instruction, after)
+        ("a", {"bytes": _png(1), "path": None}, [{"bytes": _png(2), "path": None}], "make it red", _png(3)),
+        ("b", str(tmp_path / "on_disk.png"), [], "turn it over", _png(4)),
+        ("c", {"bytes": _png(5), "path": None}, [], "no target", None),
+        ("d", {"bytes": _png(6), "path": None}, [{"bytes": b"garbage", "path": "g.png"}], "x", _png(7)),
+        ("e", {"bytes": _png(8), "path": None}, [], "", _png(9)),
+        ("a", {"bytes": _png(10), "path": None}, [], "again", _png(11)),
+        ("f", {"bytes": _png(12), "path": None}, [{"bytes": _png(13), "path": None}] * 2, "two more", _png(14)),
+    ]
+    columns = dict(zip(["id", "before", "more", "instruction", "after"], map(list, zip(*rows, strict=True)),
+                       strict=True))
+    columns["after"] = [b and {"bytes": b, "path": None} for b in columns["after"]]
+    hf.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    arrow = sorted((tmp_path / "ds").glob("*.arrow"))
+    assert len(arrow) == 2
+
+    report = import_main([f"out={tmp_path}/o", f"table={tmp_path}/ds",
+                          "fields=key=id,reference=before+more,instruction=instruction,target=after"])
+    assert report.written == 3
+    rows_in = {item: key for item, _, key in report.skipped}
+    assert sorted(rows_in.values()) == ["a", "c", "d", "e"]
+    reasons = {key: why for _, why, key in report.skipped}
+    assert reasons["c"] == "bad row: after must be an image (a path, bytes or {bytes, path}), got None"
+    assert reasons["d"].startswith(f"unreadable image: {arrow[0]}:row 3 more (g.png): ")
+    assert reasons["e"].startswith("empty instruction for ")
+    assert reasons["a"].startswith("duplicate key 'a': also ")
+    printed = capsys.readouterr().out
+    assert "skipped 4" in printed and f"{arrow[0]}:row 2 (key c): bad row: after must be" in printed
+    assert [line.split(maxsplit=1) for line in printed.splitlines()[1:5]] == [
+        ["1", "bad row"], ["1", "unreadable image"], ["1", "empty instruction"], ["1", "duplicate key"]]
+    recs = _read_all(report.shards)
+    assert set(recs) == {"a", "b", "f"}
+    assert _refs(recs["a"]) == [_png(1), _png(2)] and recs["a"]["target.png"] == _png(3)
+    assert _refs(recs["b"]) == [(tmp_path / "on_disk.png").read_bytes()]
+    assert _refs(recs["f"]) == [_png(12), _png(13), _png(13)]
 
 
 def test_table_options_are_one_line(tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ fields: the names of the record's fields or columns, over reference, instruction
 wrote (needs pyarrow: pip install 'kontext[import]').
 Text (manifest, captions, CSV) is read as `encoding` (e.g. latin-1); larger images than max_pixels are skipped."""
 
+SHOWN_SKIPS = 20  # skips printed one per line; report= saves all of them
+
 PHOTO_USAGE = """usage: python data/photo_edits.py out=DIR [n=60] [seed=0] [base=null]
 Writes n real-photo edits with exact answers (kontext/data/photo_edits.py), made from the colour photographs
 inside scikit-image, as DIR/metadata.csv with DIR/images, and two held-out photos as DIR/heldout/*.png.
@@ -139,8 +141,10 @@ def import_main(argv: list[str]):
     else:
         report = import_table(src, writer, fields=a["fields"], **common)
     print(report.summary())
-    for item, reason in report.skipped[:20]:
-        print(f"  skipped {item}: {reason}")
+    for skip in report.skipped[:SHOWN_SKIPS]:
+        print(f"  skipped {skip}")
+    if len(report.skipped) > SHOWN_SKIPS:
+        print(f"  ... and {len(report.skipped) - SHOWN_SKIPS} more" + ("" if a["report"] else " (report=FILE lists all)"))
     if a["report"]:
         Path(a["report"]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         report.to_json(Path(a["report"]).expanduser())

@@ -18,7 +18,8 @@ Records of other trainers keep their own field names, mapped by `fields`
 
 Every pair is checked (fields of the right types, files exist, decode, are at least `min_side`
 and at most `max_pixels` pixels, instruction present, key unique) before it is written; a pair
-that fails is skipped as a whole and listed with the reason in the report, and the others are
+that fails is skipped as a whole and listed in the report by its place (file and line or row), its
+key when it has one (the sample's key in the shards) and the reason; the others are
 written: whatever stops an import, the samples written so far are published. Text (manifest,
 captions) is read as `encoding` (UTF-8 by default). A key that needs sanitising gets a short
 hash of its original text, so two names never fall onto one key. PNG, JPEG and WebP bytes are
@@ -30,10 +31,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from kontext.cli import read_text
 from kontext.data.format import (
@@ -53,20 +57,51 @@ from kontext.errors import KontextError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
+class Skip(NamedTuple):
+    """An item left out of an import: where it is, why, and its key (None when the record is too
+    malformed to name one)."""
+
+    item: str
+    reason: str
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.item}{f' (key {self.key})' if self.key else ''}: {self.reason}"
+
+
+class KeyedError(Exception):
+    """What went wrong (`cause`) with the sample called `key`."""
+
+    def __init__(self, key: str, cause: Exception):
+        super().__init__(key, cause)
+        self.key, self.cause = key, cause
+
+
+@contextmanager
+def keyed(key: str):
+    """Errors inside name the sample `key` (an error that names one already keeps it)."""
+    try:
+        yield
+    except KeyedError:
+        raise
+    except Exception as e:
+        raise KeyedError(key, e) from e
+
+
 @dataclass
 class ImportReport:
     written: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    skipped: list[Skip] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        reasons = Counter(r.split(":")[0] for _, r in self.skipped)
+        reasons = Counter(re.split(r": | for | '", skip.reason, maxsplit=1)[0] for skip in self.skipped)
         lines = [f"wrote {self.written} samples to {len(self.shards)} shards; skipped {len(self.skipped)}"]
         lines += [f"  {n:6d}  {reason}" for reason, n in reasons.most_common()]
         return "\n".join(lines)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        skipped = [{"item": item, "reason": reason} for item, reason in self.skipped]
+        skipped = [skip._asdict() for skip in self.skipped]
         Path(path).write_text(json.dumps({"written": self.written, "shards": self.shards, "skipped": skipped},
                                          indent=1))
 
@@ -123,15 +158,17 @@ def _load(image: Path | Blob, min_side: int, max_pixels: int | None) -> bytes:
 
 def _pair(key: str, target: Path | Blob, instruction: str | None, refs: list[Path | Blob], meta: dict,
           min_side: int, allow_empty: bool, max_pixels: int | None) -> Sample:
-    if instruction is None:
-        raise FormatError(f"no instruction for {target}")
-    instruction = instruction.strip()
-    if not instruction and not allow_empty:
-        raise FormatError(f"empty instruction for {target}")
-    target_bytes = _load(target, min_side, max_pixels)
-    ref_bytes = [_load(r, min_side, max_pixels) for r in refs]
+    key = make_key(key)
+    with keyed(key):
+        if instruction is None:
+            raise FormatError(f"no instruction for {target}")
+        instruction = instruction.strip()
+        if not instruction and not allow_empty:
+            raise FormatError(f"empty instruction for {target}")
+        target_bytes = _load(target, min_side, max_pixels)
+        ref_bytes = [_load(r, min_side, max_pixels) for r in refs]
     meta = {"task": "edit" if refs else "t2i", **meta}
-    return Sample(make_key(key), instruction, target_bytes, ref_bytes, meta)
+    return Sample(key, instruction, target_bytes, ref_bytes, meta)
 
 
 class Importer:
@@ -145,11 +182,12 @@ class Importer:
         try:
             sample = build()
             if sample.key in self.keys:
-                raise FormatError(f"duplicate key {sample.key!r}: also {self.keys[sample.key]}")
+                raise KeyedError(sample.key, FormatError(f"duplicate key {sample.key!r}: also {self.keys[sample.key]}"))
             self.writer.write(sample)
         except Exception as e:  # one bad item never stops the others
+            key, e = (e.key, e.cause) if isinstance(e, KeyedError) else (None, e)
             reason = str(e) if isinstance(e, (FormatError, OSError)) else f"{type(e).__name__}: {e}"
-            self.report.skipped.append((item, reason.splitlines()[0] if reason else type(e).__name__))
+            self.report.skipped.append(Skip(item, reason.splitlines()[0] if reason else type(e).__name__, key))
             return
         self.keys[sample.key] = item
         self.report.written += 1
@@ -185,10 +223,11 @@ def import_folder(target_dir: str | os.PathLike, reference_dirs: list[str | os.P
     meta = {"source": source or target_dir.name, **({"task": task} if task else {})}
 
     def build(path: Path, rel: Path) -> Sample:
-        txt = path.with_suffix(".txt")
-        text = _caption(txt, encoding) if txt.is_file() else None
-        refs = [_find_reference(d, rel) for d in ref_dirs]
         key = str(rel.with_suffix("")).replace(os.sep, "__")
+        with keyed(make_key(key)):
+            txt = path.with_suffix(".txt")
+            text = _caption(txt, encoding) if txt.is_file() else None
+            refs = [_find_reference(d, rel) for d in ref_dirs]
         return _pair(key, path, text, refs, meta, min_side, allow_empty, max_pixels)
 
     with Importer(writer) as imp:
@@ -319,7 +358,9 @@ def record_sample(row, fields: Fields, base: Path, number: int, meta: dict, chec
     try:
         rec = read_record(row, fields, base, name, inline)
     except BadRecord as e:
-        raise BadRecord(f"{bad}: {e}") from e
+        own = row.get(fields.names["key"][0]) if isinstance(row, Mapping) else None
+        error = BadRecord(f"{bad}: {e}")
+        raise (KeyedError(make_key(own), error) if isinstance(own, str) and own else error) from e
     target = rec["target"]
     path = target.path if isinstance(target, Blob) else target
     meta = {**meta, **({"task": rec["task"]} if rec["task"] else {})}
