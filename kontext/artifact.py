@@ -28,6 +28,7 @@ runs their code. Every problem with the source is a one-line :class:`KontextErro
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from kontext.slices import Rows
+
+log = logging.getLogger(__name__)
 
 EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `state_dict.`
 RAW_PREFIX = "model."
@@ -98,12 +101,11 @@ class Artifact:
 
         from kontext.lora import adapters_from_state
         from kontext.lora_files import merge
-        from kontext.model import load_flux
 
         base = OmegaConf.select(self.run_config, "stage.init_from", default=None)
-        if not base or not Path(str(base)).is_file():
+        if not base or not Path(str(base)).exists():
             raise KontextError(f"{self.path} is a LoRA run whose base stage.init_from={base} is not there")
-        model = load_flux(str(base), self.params)
+        model = load_model(str(base), self.params, f"the base of LoRA run {self.path}")
         if kind := OmegaConf.select(self.run_config, "stage.lora.quantize_base", default=None):
             # the weights the adapters trained with, as the run's own export has them
             from kontext.lora import precision_dtype, rounded_as_trained
@@ -133,6 +135,40 @@ def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | 
     if kind == "export":
         return _read_export(path, device)
     return _read_checkpoint(path, config, raw, weights)
+
+
+def existing(source: str | os.PathLike, what: str) -> Path:
+    """`source` as a path, or a one-line error naming it as `what` (e.g. "teacher") if it is not there."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise KontextError(f"{what} not found: {source} (give a run directory, a training checkpoint, an export "
+                           "folder or a reference-format .safetensors)")
+    return path
+
+
+def load_model(source: str | os.PathLike, params: FluxParams | str | None = None, what: str = "trained model",
+               device: str | torch.device = "cpu") -> Flux:
+    """The transformer of `source` (`read_artifact`): a checkpoint's EMA weights, a LoRA run's
+    merged into its base, a file's tensors in the file's dtype. `params` is needed only for a
+    bare reference-format file that records none."""
+    return read_artifact(existing(source, what), params=params, device=device).transformer(device=device)
+
+
+def source_rows(source: str | os.PathLike | Flux, what: str = "model", read: bool = True,
+                params: FluxParams | str | None = None) -> tuple[FluxParams, Rows | None]:
+    """The architecture of `source` and a reader of its weights' rows, nothing read yet
+    (`weight_rows`); a LoRA run's weights are merged whole (said in the log), unless `read=False`,
+    which gives the architecture alone. A model in memory is its own rows."""
+    from kontext.slices import TensorRows
+
+    if isinstance(source, Flux):
+        return source.params, TensorRows(source.state_dict())
+    path = existing(source, what)
+    params, rows = weight_rows(path, params)
+    if rows is None and read:
+        log.info("%s %s is a LoRA run: its adapters are merged into its base whole", what, source)
+        rows = TensorRows(load_model(path, what=what).state_dict())
+    return params, rows
 
 
 def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = None,

@@ -134,3 +134,34 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
     streamed, gathered = (export(run, tmp_path / f"export_{run.name}", diffusers=True) for run in (fsdp_run, single_run))
     for name in ("transformer.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
         assert_same_file(streamed / name, gathered / name)
+
+
+def test_stage_init_from_takes_any_source(tmp_path):
+    """`stage.init_from` (full training, built whole or on `meta`, and a LoRA base) reads a run
+    directory, a checkpoint, an export folder or a reference file: the same starting weights."""
+    from kontext.lora import unwrap
+    from kontext.stages.flow import FlowStage
+
+    pipe = tiny_pipeline(seed=3)
+    expected = pipe.model.state_dict()
+    run = write_run_dir(tmp_path / "run", pipe)
+    sources = (run, run / "checkpoints" / "last.ckpt", export(pipe, tmp_path / "export"),
+               save_flux(pipe.model, tmp_path / "transformer.safetensors"))
+    params = pipe.model.params
+    for source in sources:
+        whole = FlowStage(params, init_from=str(source))
+        assert_same_weights(whole.model.state_dict(), expected)
+        meta = FlowStage(params, init_from=str(source), parallel={"meta_build": True})
+        assert meta.model.img_in.weight.is_meta
+        meta.model.to_empty(device="cpu")
+        meta.initialise_shards()
+        assert_same_weights(meta.model.state_dict(), expected)
+        lora = FlowStage(params, init_from=str(source), lora={"rank": 2, "alpha": 2.0})
+        assert_same_weights(unwrap(lora.model).state_dict(), expected)
+    other = save_flux(random_flux(0, "small"), tmp_path / "small.safetensors")
+    for kwargs in ({}, {"lora": {"rank": 2}}, {"parallel": {"meta_build": True}}):
+        with pytest.raises(KontextError, match=rf"^(stage.init_from|Flux weights in) {other} do not match the model: "
+                                               r"4 missing .* with the wrong shape"):
+            FlowStage(params, init_from=str(other), **kwargs)
+    with pytest.raises(KontextError, match=r"^stage.init_from not found: .*nowhere \(give a run directory"):
+        FlowStage(params, init_from=str(tmp_path / "nowhere"))

@@ -158,12 +158,13 @@ def test_activation_checkpointing_with_adapters_changes_no_number(base_file, mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantize):
-    """Per-block torch.compile over peft's layers (inductor on CPU), also over an int8 base: the
-    same names, loss and adapter gradients as eager."""
+@pytest.mark.parametrize(("quantize", "checkpointing"), [(None, "none"), ("int8", "none"), (None, "full")])
+def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantize, checkpointing):
+    """Per-block torch.compile over peft's layers (inductor on CPU), also over an int8 base and
+    with activation checkpointing: every block is compiled, with the same names, loss and adapter
+    gradients as eager."""
     from kontext.lora import quantize_base
-    from kontext.parallel import ParallelConfig, parallelize
+    from kontext.parallel import ParallelConfig, blocks, parallelize
 
     eager, compiled = lora_stage(base_file), lora_stage(base_file)
     with torch.no_grad():
@@ -175,7 +176,8 @@ def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantiz
         pytest.importorskip("torchao")
         for stage in (eager, compiled):
             quantize_base(stage.model, quantize)
-    parallelize(compiled.model, ParallelConfig(compile=True), device="cpu")
+    parallelize(compiled.model, ParallelConfig(compile=True, activation_checkpointing=checkpointing), device="cpu")
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(compiled.model))
     assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in eager.model.named_parameters()]
     losses = [loss_of(stage.model) for stage in (eager, compiled)]
     for loss in losses:

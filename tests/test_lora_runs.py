@@ -4,11 +4,13 @@ its base in bf16 under bf16 compute, and resumes bit for bit, in one process and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 from test_lora import base_file  # noqa: F401  (a fixture)
 from test_resume import assert_same_run, final_state, step_losses
@@ -189,27 +191,75 @@ def _train_cli(args: list[str], cwd: Path):
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.accumulate_grad_batches=2"]
 
 
+class RecordShards(Callback):
+    """Writes, per rank at the start of training, each parameter's kind (DTensor or not), global
+    and local shape, dtype and whether it trains: `<out>/rank<R>.json`."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.tensor import DTensor
+
+        seen = {name: {"dtensor": isinstance(p, DTensor), "shape": list(p.shape), "dtype": str(p.dtype),
+                       "local": list(p.to_local().shape if isinstance(p, DTensor) else p.shape),
+                       "trains": p.requires_grad}
+                for name, p in pl_module.model.named_parameters()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+
+
 @pytest.mark.slow
 def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, base_file):  # noqa: F811
     """FSDP2 per block over 2 CPU processes (gloo) with peft's layers inside the blocks: the base
-    is sharded and frozen, the adapters train; a sharded checkpoint holds the adapters alone
-    (one shard per rank), and a run preempted halfway and resumed matches an uninterrupted one
-    at every step, bit for bit. The interrupted run also samples grids with the EMA adapters
-    swapped into the sharded model (steps 6 and 12), which must leave training as it was."""
+    is sharded and frozen in bf16 (param_dtype bfloat16, selective checkpointing), the fp32
+    adapters train; a sharded checkpoint holds the adapters alone (one shard per rank), and a run
+    preempted halfway and resumed matches an uninterrupted one at every step, bit for bit. The
+    interrupted run also samples grids with the EMA adapters swapped into the sharded model
+    (steps 6 and 12), which must leave training as it was."""
     from kontext.checkpoint import consolidate
 
     def args(run_dir: Path, grids: bool = True) -> list[str]:
         grid = ["callbacks.metrics.grid_every_n_steps=6", "callbacks.metrics.grid_steps=2"] if grids else []
-        return [*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file), *FSDP, *grid]
+        return [*resume_overrides(data_root, random_ae, run_dir), *lora_overrides(base_file), *FSDP, *grid,
+                "parallel.param_dtype=bfloat16", "parallel.activation_checkpointing=selective"]
 
     straight_dir, resumed_dir = data_root / "fsdp_lora_straight", data_root / "fsdp_lora_resumed"
-    _train_cli(args(straight_dir, grids=False), data_root)
+    shards = data_root / "fsdp_lora_shards"
+    _train_cli([*args(straight_dir, grids=False), "+callbacks.shards._target_=test_lora_runs.RecordShards",
+                f"+callbacks.shards.out={shards}"], data_root)
     first = _train_cli([*args(resumed_dir), "+callbacks.preempt._target_=test_resume.SignalAt",
                         "+callbacks.preempt.step=5"], data_root)
     assert "stopped at step 6 for a requeue" in first.stdout
     last = resumed_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2
     _train_cli(args(resumed_dir), data_root)
+
+    # Each rank holds half of every block's frozen base (dim 0 split in two, in bf16) and half
+    # of each adapter tensor in fp32.
+    ranks = [json.loads((shards / f"rank{r}.json").read_text()) for r in (0, 1)]
+    blocks = [n for n in ranks[0] if n.startswith(("double_blocks.", "single_blocks."))]
+    base = [n for n in blocks if not ranks[0][n]["trains"]]
+    adapters = [n for n in ranks[0] if ranks[0][n]["trains"]]
+    assert len(adapters) == 40 and all(".lora_" in n for n in adapters) and len(base) > 40
+    for n in base + adapters:
+        for seen in ranks:
+            p = seen[n]
+            assert p["dtensor"] and p["dtype"] == ("torch.float32" if p["trains"] else "torch.bfloat16"), n
+            assert p["local"][1:] == p["shape"][1:] and sum(s[n]["local"][0] for s in ranks) == p["shape"][0], n
+            assert p["local"][0] == -(-p["shape"][0] // 2) or seen is ranks[1], n
+    adapter_bytes = 4 * sum(torch.Size(ranks[0][n]["shape"]).numel() for n in adapters)
+    base_bytes = 2 * sum(torch.Size(ranks[0][n]["shape"]).numel() for n in ranks[0] if not ranks[0][n]["trains"])
+    # The checkpoint's tensors: the adapters, their EMA and AdamW's two moments (4 x the
+    # adapters' fp32 bytes), plus step counters; no byte of the base.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries = FileSystemReader(str(last)).read_metadata().state_dict_metadata.values()
+    payload = sum(e.size.numel() * e.properties.dtype.itemsize for e in entries if hasattr(e, "size"))
+    folder = sum(f.stat().st_size for f in last.iterdir())
+    print(f"LoRA FSDP checkpoint: {payload:,} bytes of tensors ({folder:,} on disk) for {adapter_bytes // 4:,} "
+          f"adapter weights (4 x {adapter_bytes:,} = {4 * adapter_bytes:,}); the bf16 base: {base_bytes:,} bytes")
+    assert 4 * adapter_bytes <= payload <= 4 * adapter_bytes + 1024
 
     expected, got = step_losses(straight_dir), step_losses(resumed_dir)
     assert len(expected) == 12 and got == expected

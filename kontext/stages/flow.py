@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kontext import flow, packing, parallel, slices
+from kontext.artifact import load_model, source_rows
 from kontext.config_check import options
 from kontext.ema import EMA, mirror
 from kontext.errors import KontextError
@@ -43,9 +44,8 @@ from kontext.lora import (
     swapped_in,
     unwrap,
 )
-from kontext.model import CHECKPOINT_PREFIXES, Flux, FluxParams, init_like_construction, load_flux
+from kontext.model import Flux, FluxParams, init_like_construction
 from kontext.parallel import ParallelConfig
-from kontext.slices import FileRows
 from kontext.stages.options import AdamWOptions, TimeSampling, Validation
 from kontext.stages.schedule import adamw_with_schedule
 
@@ -81,28 +81,35 @@ class FlowStage(L.LightningModule):
         self.lora_cfg = lora_options(lora)
         self.init_from = init_from
         if self.lora_cfg is not None and not init_from:
-            raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors> "
-                               "(a fresh model starts as the identity, which gives adapters no gradient)")
+            raise KontextError("adapter=lora adapts trained weights: give stage.init_from=<reference-format .safetensors, "
+                               "run directory, checkpoint or export> (a fresh model starts as the identity, which "
+                               "gives adapters no gradient)")
         self.parallel_cfg = parallel if isinstance(parallel, ParallelConfig) else ParallelConfig(**(parallel or {}))
         # Under FSDP (`parallel.meta_build`) the model and its EMA are built on `meta`; each rank
         # materialises its shards in configure_model and fills only them (`initialise_shards`).
         self.meta_built = self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
-        if self.lora_cfg is not None:  # the frozen base holds the file's tensors (their dtype: bf16 at 12B)
-            self.model = load_flux(init_from, model)
+        # `init_from`: a reference-format file, or a run directory, checkpoint or export of this
+        # codebase (its EMA weights; a LoRA run's merged), read by rows (kontext.slices).
+        what = f"stage.init_from {init_from}"
+        if self.lora_cfg is not None:  # the frozen base holds the source's tensors (a file's dtype: bf16 at 12B)
+            self.model = load_model(init_from, model, "stage.init_from")
+            with torch.device("meta"):
+                slices.check(Flux(model), slices.TensorRows(self.model.state_dict()), what)
             add_adapters(self.model, self.lora_cfg)
             checkpoint_adapters_only(self)  # the base is `init_from`, rebuilt on every start
         elif self.meta_built:
             with torch.device("meta"):
                 self.model = Flux(model)
             if init_from:  # its rows are read in configure_model; its names and shapes checked now
-                slices.check(self.model, FileRows(init_from, CHECKPOINT_PREFIXES), f"stage.init_from {init_from}")
+                self._init_rows = source_rows(init_from, "stage.init_from", params=model)[1]
+                slices.check(self.model, self._init_rows, what)
             else:  # drawn in configure_model, and the generator left as Flux(model) leaves it for what
                 self._construction_rng = torch.get_rng_state()  # draws after (a distillation student's parts)
                 init_like_construction(self.model)
         else:
             self.model = Flux(model)
             if init_from:
-                self.model.load_state_dict(load_flux(init_from, model).state_dict())
+                slices.fill(self.model, source_rows(init_from, "stage.init_from", params=model)[1], what)
         self.ema = EMA(self.model, decay=ema_decay, trainable_only=self.lora_cfg is not None)
         # Frozen encoders are kept out of the module tree: no optimizer state, not in checkpoints.
         self._frozen = {"autoencoder": autoencoder, "text": text}
@@ -178,7 +185,7 @@ class FlowStage(L.LightningModule):
         this rank's rows of `init_from`, else the values `Flux(params)` would have drawn in one
         process (from the generator's state at construction)."""
         if self.init_from:
-            slices.fill(self.model, FileRows(self.init_from, CHECKPOINT_PREFIXES), f"stage.init_from {self.init_from}")
+            slices.fill(self.model, self._init_rows, f"stage.init_from {self.init_from}")
             return
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._construction_rng)

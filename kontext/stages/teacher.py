@@ -21,12 +21,12 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from kontext import packing, parallel, sampling, slices
+from kontext.artifact import load_model, source_rows
 from kontext.discriminator import block_features
 from kontext.errors import KontextError
 from kontext.model import Flux, FluxParams
@@ -36,20 +36,13 @@ log = logging.getLogger(__name__)
 
 def load_teacher(source: str | os.PathLike, params: FluxParams | None = None,
                  device: str | torch.device = "cpu") -> Flux:
-    """The transformer of ``source`` (read by :func:`kontext.artifact.read_artifact`), frozen (no
-    parameter requires grad) and in eval mode.
+    """The transformer of ``source`` (:func:`kontext.artifact.load_model`), frozen (no parameter
+    requires grad) and in eval mode.
 
     Only the transformer is read (a teacher's text encoder and autoencoder are the student's
     own, built by the stage's config). ``params`` is needed only for a bare reference-format
     file that records none; a run or an export records its own."""
-    from kontext.artifact import read_artifact
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise KontextError(f"teacher not found: {source} (give a run directory, a training checkpoint, an export "
-                           "folder or a reference-format .safetensors)")
-    model = read_artifact(path, params=params, device=device).transformer(device=device)
-    return model.eval().requires_grad_(False)
+    return load_model(source, params, "teacher", device).eval().requires_grad_(False)
 
 
 def shard_teacher(model: Flux, mesh, dtype: torch.dtype, read: str = "read whole, then sharded") -> None:
@@ -78,27 +71,6 @@ def load_sharded_teacher(params: FluxParams, rows: slices.Rows, mesh, dtype: tor
     model.to_empty(device=device)
     slices.fill(model, rows, what)
     return model
-
-
-def source_rows(source: str | os.PathLike | Flux, what: str = "teacher",
-                read: bool = True) -> tuple[FluxParams, slices.Rows | None]:
-    """The architecture of a teacher or student source and a reader of its weights' rows,
-    nothing read yet (:func:`kontext.artifact.weight_rows`); a LoRA run's weights are merged
-    whole (said in the log), unless `read=False`, which gives the architecture alone. A model in
-    memory is its own rows."""
-    if isinstance(source, Flux):
-        return source.params, slices.TensorRows(source.state_dict())
-    from kontext.artifact import weight_rows
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise KontextError(f"{what} not found: {source} (give a run directory, a training checkpoint, an export "
-                           "folder or a reference-format .safetensors)")
-    params, rows = weight_rows(path)
-    if rows is None and read:
-        log.info("%s %s is a LoRA run: its adapters are merged into its base whole, then sharded", what, source)
-        rows = slices.TensorRows(load_teacher(path).state_dict())
-    return params, rows
 
 
 class Teacher:
