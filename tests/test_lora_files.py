@@ -118,13 +118,16 @@ def test_diffusers_layout_loads_into_diffusers_and_gives_our_output(adapted, tmp
     with torch.no_grad():
         want = run_theirs(theirs, x)
     torch.testing.assert_close(want, ours, atol=1e-5, rtol=1e-5)
-    # 2. what a pipeline's load_lora_weights does (minus the pipeline's other components)
+    # 2. a FluxKontextPipeline's load_lora_weights (the pipeline holds only the transformer here:
+    # the adapter touches nothing else)
     theirs = theirs_from(base, params)
-    sd, alphas, metadata = diffusers.FluxKontextPipeline.lora_state_dict(str(path), return_alphas=True,
-                                                                         return_lora_metadata=True)
-    diffusers.FluxKontextPipeline.load_lora_into_transformer(sd, alphas, theirs, metadata=metadata)
+    pipe = diffusers.FluxKontextPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                         transformer=theirs)
+    pipe.load_lora_weights(str(path))
     with torch.no_grad():
-        torch.testing.assert_close(run_theirs(theirs, x), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_theirs(pipe.transformer, x), ours, atol=1e-5, rtol=1e-5)
+        assert (run_theirs(theirs_from(base, params), x) - ours).abs().max() > 1e-4  # the adapter mattered
 
 
 def test_reference_layout_round_trips_and_merges_as_by_hand(adapted, tmp_path):

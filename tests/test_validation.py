@@ -45,7 +45,8 @@ def test_validation_edits_are_the_ema_models_edits_at_the_asked_steps(tmp_path, 
     cfg = compose_train([*tiny_overrides(tmp_path, random_ae), "trainer.max_steps=4", "stage.ema_decay=0.5",
                          "stage.optimizer.warmup_steps=1",
                          "callbacks.validation.every_n_steps=2", "callbacks.validation.steps=2",
-                         "callbacks.validation.seed=3", "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false"])
+                         "callbacks.validation.seed=3", "stage.finish.benchmark.n_per_op=0", "stage.finish.export=false",
+                         "logger=wandb"])  # offline: the grids land in the run's wandb folder
     OmegaConf.update(cfg, "callbacks.validation.cases", cases, force_add=True)
     run(cfg)
     folder = tmp_path / "run" / "validation"
@@ -65,6 +66,9 @@ def test_validation_edits_are_the_ema_models_edits_at_the_asked_steps(tmp_path, 
     assert max(np.abs(a.astype(int) - np.asarray(b)).max() for a, b in zip(earlier, want, strict=True)) > 8  # it moved
     grid = Image.open(folder / "step0000004.png")
     assert grid.height == 3 * (192 + 4)
+    logged = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/validation/edits_*.png"))
+    assert len(logged) == 2 and [np.asarray(Image.open(p)).shape for p in logged] == [np.asarray(grid).shape] * 2
+    assert np.array_equal(np.asarray(Image.open(logged[-1]).convert("RGB")), np.asarray(grid.convert("RGB")))
 
 
 def test_a_bad_case_is_one_line_before_training(tmp_path, random_ae, photos, capsys):  # noqa: F811
