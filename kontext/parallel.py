@@ -27,7 +27,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from kontext.errors import first_line
@@ -104,8 +103,10 @@ class _Checkpointed:
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return super().forward(*args, **kwargs)
-        context_fn = _selective_contexts if self._ac_selective else noop_context_fn
-        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        if self._ac_selective:
+            return checkpoint(super().forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+        # (no context_fn argument at all: torch.compile cannot trace one that is chosen at run time)
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
 
 
 @functools.cache

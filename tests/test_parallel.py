@@ -129,9 +129,12 @@ def _compiled(block: torch.nn.Module) -> bool:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_keep_names_and_numbers():
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+def test_compiled_blocks_keep_names_and_numbers(checkpointing):
+    """Per-block compile, also over checkpointed blocks (`parallel=paper` is selective + compile):
+    eager's names, loss and gradients."""
     plain, compiled = random_flux(1).train(), random_flux(1).train()
-    parallelize(compiled, ParallelConfig(compile=True), device="cpu")
+    parallelize(compiled, ParallelConfig(compile=True, activation_checkpointing=checkpointing), device="cpu")
     assert all(_compiled(b) for b in blocks(compiled))
     assert list(compiled.state_dict()) == list(plain.state_dict())
     batch = flow_batch(0)
