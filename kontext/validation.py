@@ -4,17 +4,25 @@ progress on the user's own task can be watched (the Shapes-Edit grids of `kontex
 only show the embedded benchmark's).
 
 Each time, `<run>/validation/step<N>/<i>.png` holds case i's output at full size and
-`<run>/validation/step<N>.png` a grid with one row per case (references | output | instruction),
-which also goes to wandb as `validation/edits`. The cases and their images are checked when the
-callback is built, before training starts: a missing or unreadable image is one line.
+`<run>/validation/step<N>.png` a grid with one row per case (references | output | expected, if
+the case gives one | instruction), which also goes to wandb as `validation/edits`. A case may
+give the exact answer (`expected: path`): the mean absolute difference of the output from it (in
+8-bit levels, the answer resized to the output's size) is logged as `validation/error` (the mean
+over such cases) and written with each case's to `step<N>/errors.json`, beside the difference of
+the first reference from the answer (what leaving the image as it is would score). The cases and
+their images are checked when the callback is built, before training starts: a missing or
+unreadable image is one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 from lightning.pytorch.callbacks import Callback
 from PIL import Image, ImageDraw
 
@@ -23,32 +31,54 @@ from kontext.errors import KontextError
 from kontext.images import load_image
 
 
-def read_cases(cases) -> list[tuple[list[Image.Image], str]]:
-    """[(references, instruction)] of `cases`: a list of {"image": path | [paths] | null,
-    "prompt": text}, every image read."""
+class Case(NamedTuple):
+    references: list[Image.Image]
+    prompt: str
+    expected: Image.Image | None = None  # the exact answer, if known
+
+
+def read_cases(cases) -> list[Case]:
+    """The Cases of `cases`: a list of {"image": path | [paths] | null, "prompt": text,
+    "expected": path (optional)}, every image read."""
     out = []
     for i, case in enumerate(plain(cases) or []):
-        if not isinstance(case, dict) or set(case) - {"image", "prompt"} or not isinstance(case.get("prompt"), str):
-            raise KontextError(f"validation case {i}: expected {{image: path, [paths] or null, prompt: text}}, got {case!r}")
-        image = case.get("image")
+        if (not isinstance(case, dict) or set(case) - {"image", "prompt", "expected"}
+                or not isinstance(case.get("prompt"), str)):
+            raise KontextError(f"validation case {i}: expected {{image: path, [paths] or null, prompt: text, "
+                               f"expected: path (optional)}}, got {case!r}")
+        image, expected = case.get("image"), case.get("expected")
         paths = [] if image is None else [image] if isinstance(image, str) else image
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise KontextError(f"validation case {i}: image must be a path, a list of paths or null, got {image!r}")
-        out.append(([load_image(p) for p in paths], case["prompt"]))
+        if expected is not None and not isinstance(expected, str):
+            raise KontextError(f"validation case {i}: expected must be the path of the exact answer, got {expected!r}")
+        out.append(Case([load_image(p) for p in paths], case["prompt"],
+                        None if expected is None else load_image(expected)))
     return out
 
 
-def edit_grid(cases: list[tuple[list[Image.Image], str]], outputs: list[Image.Image], height: int = 192) -> Image.Image:
-    """One row per case: its references, its output, then its instruction (wrapped)."""
+def mean_error(image: Image.Image, answer: Image.Image) -> float:
+    """Mean absolute difference of two RGB images in 8-bit levels, `answer` resized (Lanczos) to
+    `image`'s size if it differs."""
+    if answer.size != image.size:
+        answer = answer.convert("RGB").resize(image.size, Image.Resampling.LANCZOS)
+    a, b = (np.asarray(x.convert("RGB"), dtype=np.int16) for x in (image, answer))
+    return float(np.abs(a - b).mean())
+
+
+def edit_grid(cases: list[Case], outputs: list[Image.Image], height: int = 192) -> Image.Image:
+    """One row per case: its references, its output, its expected answer if any, then its
+    instruction (wrapped)."""
     def fit(img: Image.Image) -> Image.Image:
         return img.convert("RGB").resize((max(1, round(img.width * height / img.height)), height))
 
-    rows = [[*map(fit, refs), fit(out)] for (refs, _), out in zip(cases, outputs, strict=True)]
+    rows = [[*map(fit, case.references), fit(out), *([fit(case.expected)] if case.expected else [])]
+            for case, out in zip(cases, outputs, strict=True)]
     text_w = 2 * height
     width = max(sum(img.width + 4 for img in row) for row in rows) + text_w
     grid = Image.new("RGB", (width, len(rows) * (height + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for r, (row, (_, prompt)) in enumerate(zip(rows, cases, strict=True)):
+    for r, (row, (_, prompt, _)) in enumerate(zip(rows, cases, strict=True)):
         x, y = 0, r * (height + 4)
         for img in row:
             grid.paste(img, (x, y))
@@ -85,8 +115,8 @@ class ValidationEdits(Callback):
         """Sample the cases now; returns the grid's path on rank 0."""
         with getattr(pl_module, "averaged", contextlib.nullcontext)():
             pipe = pl_module.pipeline()
-            outputs = pipe.edit([refs or None for refs, _ in self.cases], [p for _, p in self.cases], self.seed,
-                                steps=self.steps)
+            outputs = pipe.edit([case.references or None for case in self.cases],
+                                [case.prompt for case in self.cases], self.seed, steps=self.steps)
         if not trainer.is_global_zero:
             return None
         folder = Path(trainer.default_root_dir) / "validation"
@@ -95,8 +125,17 @@ class ValidationEdits(Callback):
             img.save(folder / f"step{step:07d}" / f"{i}.png")
         path = folder / f"step{step:07d}.png"
         edit_grid(self.cases, outputs).save(path)
+        scored = [(i, case, out) for i, (case, out) in enumerate(zip(self.cases, outputs, strict=True)) if case.expected]
+        errors = {i: {"error": mean_error(out, case.expected),
+                      "reference_error": mean_error(case.references[0], case.expected) if case.references else None}
+                  for i, case, out in scored}
+        if errors:
+            (folder / f"step{step:07d}" / "errors.json").write_text(json.dumps(errors, indent=1))
         for logger in trainer.loggers:
+            if errors:
+                logger.log_metrics({"validation/error": float(np.mean([e["error"] for e in errors.values()]))}, step=step)
             if hasattr(logger, "log_image"):  # wandb
                 logger.log_image(key="validation/edits", images=[str(path)], step=step,
-                                 caption=[f"step {step}: references | EMA output | instruction"])
+                                 caption=[f"step {step}: references | EMA output{' | expected' if errors else ''}"
+                                          " | instruction"])
         return path

@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 
 from kontext.data import photo_edits as pe
 from kontext.errors import KontextError
+from kontext.run import CONFIG_DIR
 
+ROOT = CONFIG_DIR.parent
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image")
 
 
@@ -107,39 +109,79 @@ def test_the_set_imports_whole_and_every_pair_is_exact(tmp_path):
         assert row == other
     for png in (tmp_path / "data" / "photo_edits" / "images").glob("*.png"):
         assert png.read_bytes() == (tmp_path / "again" / "images" / png.name).read_bytes()
-    held = sorted((tmp_path / "data" / "photo_edits" / "heldout").glob("*.png"))
+    held = sorted(p for p in (tmp_path / "data" / "photo_edits" / "heldout").glob("*.png") if "_" not in p.stem)
     assert [p.stem for p in held] == sorted(Path(h).stem for h in pe.HELDOUT)
+    for path in held:  # every edit's exact answer beside each held-out photo
+        for task, (_, edit) in pe.EDITS.items():
+            answer = np.asarray(Image.open(path.with_name(f"{path.stem}_{task}.png")))
+            assert np.array_equal(answer, edit(np.asarray(Image.open(path)))), (path, task)
     assert not any(Path(h).stem in row for row in csv.read_text().splitlines() for h in pe.HELDOUT)
+
+
+README_COMMANDS = [  # the README's "The same steps on this machine", verbatim
+    "python data/photo_edits.py out=data/photo_edits base=data/photo_base.safetensors",
+    "python data/import_pairs.py out=data/shards/photo_edits csv=data/photo_edits/metadata.csv",
+    "python train.py experiment=photo_lora",
+    "python data/inspect_shards.py shards=data/shards/photo_edits grid=pairs.png",
+    "python sample.py \"checkpoint='outputs/photo_lora/experiment=photo_lora'\" "
+    "image=data/photo_edits/heldout/chelsea.png \"prompt=mirror the image left to right\" output=edited.png",
+]
 
 
 @needs_skimage
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_the_photo_example_end_to_end(tmp_path):
-    """What the README's three commands do, with a short run: 12 pairs, 4 steps."""
-    from test_train import compose_train
+    """The README's commands as a user types them, from a fresh folder: 60 pairs written and
+    imported, 30 LoRA steps, the validation edits scored against their exact answers, the pairs'
+    grid and an edit with the trained adapters."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
 
-    from kontext.run import run
-
-    _, report = write_and_import(tmp_path, 12)
-    assert report.written == 12 and report.skipped == []
-    check_pairs(tmp_path, 12)
-    run_dir = tmp_path / "run"
-    metrics = run(compose_train(["experiment=photo_lora", f"paths.root_dir={tmp_path}", f"paths.output_dir={run_dir}",
-                                 "trainer.max_steps=4", "callbacks.validation.every_n_steps=4",
-                                 "callbacks.validation.steps=2", "data.epoch_samples=12"]))
-    assert metrics["steps"] == 4 and metrics["benchmark"] is None
-    assert metrics["data"]["corrupt"] == 0 and metrics["data"]["seen"] >= 16
+    assert README_COMMANDS[0] in (ROOT / "README.md").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seconds = []
+    for line in README_COMMANDS:
+        argv = shlex.split(line)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=900)
+        seconds.append(time.perf_counter() - start)
+        assert out.returncode == 0, (line, out.stderr[-3000:])
+    print("photo example, seconds per command:", [round(x, 1) for x in seconds])
+    check_pairs(tmp_path, 60)
+    run_dir = tmp_path / "outputs" / "photo_lora" / "experiment=photo_lora"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["benchmark"] is None and metrics["data"]["corrupt"] == 0
     losses = [float(line.split(",")[1]) for line in (run_dir / "loss_curve.csv").read_text().splitlines()[1:]]
-    assert losses and all(np.isfinite(losses))
+    assert len(losses) == 4 and all(np.isfinite(losses))  # steps 0, 10, 15, 25 (log_every_n_steps=5)
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(".lora_" in k for k in weights if k != "ema.num_updates")  # adapters only, no base
     from kontext.lora_files import read_adapter
 
-    adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")  # the averaged adapters left B = 0
+    adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")
     assert adapter.rank == 16 and max(w.up.abs().max() for w in adapter.layers.values()) > 0
-    grid = Image.open(run_dir / "validation" / "step0000004.png")
-    assert grid.height == 2 * (192 + 4)  # one row per held-out photo
-    outputs = [Image.open(run_dir / "validation" / "step0000004" / f"{i}.png") for i in range(2)]
-    refs = [Image.open(tmp_path / "data" / "photo_edits" / "heldout" / f"{Path(h).stem}.png") for h in pe.HELDOUT]
-    assert [o.size for o in outputs] == [r.size for r in refs]  # the edit keeps the photo's size
+    # validation at steps 15 and 30: outputs at the photos' sizes, scored against the exact answers
+    held = tmp_path / "data" / "photo_edits" / "heldout"
+    for step in (15, 30):
+        folder = run_dir / "validation" / f"step{step:07d}"
+        outputs = [Image.open(folder / f"{i}.png") for i in range(2)]
+        refs = [Image.open(held / f"{Path(h).stem}.png") for h in pe.HELDOUT]
+        assert [o.size for o in outputs] == [r.size for r in refs]
+        errors = json.loads((folder / "errors.json").read_text())
+        for i, task in enumerate(("mirror", "border")):
+            answer = np.asarray(Image.open(held / f"{Path(pe.HELDOUT[i]).stem}_{task}.png"), int)
+            assert errors[str(i)]["error"] == pytest.approx(np.abs(np.asarray(outputs[i], int) - answer).mean())
+            print(f"step {step}, {task}: error {errors[str(i)]['error']:.1f} levels "
+                  f"(the unedited photo: {errors[str(i)]['reference_error']:.1f})")
+    logged = [line.split(",") for line in (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()]
+    column = logged[0].index("validation/error")
+    assert [float(row[column]) for row in logged[1:] if row[column]] == pytest.approx(
+        [np.mean([e["error"] for e in json.loads((run_dir / "validation" / f"step{s:07d}" / "errors.json")
+                                                 .read_text()).values()]) for s in (15, 30)])
+    grid = Image.open(run_dir / "validation" / "step0000030.png")
+    assert grid.height == 2 * (192 + 4)  # one row per held-out photo: photo | output | answer | instruction
+    assert Image.open(tmp_path / "edited.png").size == refs[0].size
+    assert Image.open(tmp_path / "pairs.png").width > 0

@@ -5,6 +5,8 @@ training starts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,7 @@ def photos(tmp_path_factory):
 def test_validation_edits_are_the_ema_models_edits_at_the_asked_steps(tmp_path, random_ae, photos):  # noqa: F811
     from kontext.pipeline import KontextPipeline
 
-    cases = [{"image": str(photos / "a.png"), "prompt": "make the blue square red"},
+    cases = [{"image": str(photos / "a.png"), "prompt": "make the blue square red", "expected": str(photos / "wide.png")},
              {"image": [str(photos / "wide.png"), str(photos / "a.png")], "prompt": "put them together"},
              {"image": None, "prompt": "a red circle in the center on a white background"}]
     cfg = compose_train([*tiny_overrides(tmp_path, random_ae), "trainer.max_steps=4", "stage.ema_decay=0.5",
@@ -66,6 +68,15 @@ def test_validation_edits_are_the_ema_models_edits_at_the_asked_steps(tmp_path, 
     assert max(np.abs(a.astype(int) - np.asarray(b)).max() for a, b in zip(earlier, want, strict=True)) > 8  # it moved
     grid = Image.open(folder / "step0000004.png")
     assert grid.height == 3 * (192 + 4)
+    # The error from the expected answer (case 0 only), its answer resized to the output's size by PIL
+    answer = np.asarray(Image.open(photos / "wide.png").convert("RGB").resize((64, 64), Image.Resampling.LANCZOS), int)
+    errors = json.loads((folder / "step0000004" / "errors.json").read_text())
+    assert list(errors) == ["0"] and errors["0"]["error"] == pytest.approx(np.abs(np.asarray(outputs[0], int) - answer).mean())
+    reference = np.asarray(Image.open(photos / "a.png").convert("RGB"), int)
+    assert errors["0"]["reference_error"] == pytest.approx(np.abs(reference - answer).mean())
+    # the widest row, case 1's (wide 288 px, square 192 px, output 288 px); case 0's has its expected answer
+    assert grid.width == (288 + 4) + (192 + 4) + (288 + 4) + 2 * 192
+    assert np.asarray(grid)[96, 192 + 4 + 192 + 4 + 100].tolist() != [255, 255, 255]
     logged = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/validation/edits_*.png"))
     assert len(logged) == 2 and [np.asarray(Image.open(p)).shape for p in logged] == [np.asarray(grid).shape] * 2
     assert np.array_equal(np.asarray(Image.open(logged[-1]).convert("RGB")), np.asarray(grid.convert("RGB")))
@@ -82,7 +93,8 @@ def test_a_bad_case_is_one_line_before_training(tmp_path, random_ae, photos, cap
     assert not (tmp_path / "run" / "checkpoints").exists()
     for bad, message in (([{"prompt": 3}], "validation case 0: expected"),
                          ([{"image": 3, "prompt": "x"}], "validation case 0: image must be a path"),
-                         ([{"image": None, "prompt": "x", "seed": 1}], "validation case 0: expected")):
+                         ([{"image": None, "prompt": "x", "seed": 1}], "validation case 0: expected"),
+                         ([{"image": None, "prompt": "x", "expected": 1}], "validation case 0: expected must be")):
         with pytest.raises(KontextError, match=message):
             read_cases(bad)
 

@@ -13,8 +13,9 @@ instruction and the target that a procedural edit computes from the crop pixel f
 
 The set is written as a `metadata.csv` (columns reference, instruction, target, task; image paths
 relative to its folder), the layout that `data/import_pairs.py csv=...` reads. Two photos are
-held out of it (`heldout/`, at half the size: what `experiment=photo_lora` trains at), for
-watching the training edit photos it has never seen.
+held out of it (`heldout/<photo>.png`, at half the size: what `experiment=photo_lora` trains at),
+with every edit's exact answer (`heldout/<photo>_<task>.png`), for watching the training edit
+photos it has never seen and scoring it (validation cases' `expected`).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def crop(img: Image.Image, size: tuple[int, int], rng: random.Random) -> Image.I
 
 def write_photo_edits(out: str | os.PathLike, n: int = 60, seed: int = 0) -> Path:
     """n pairs (photo, crop and edit drawn from `seed` and the pair's index) as PNGs under
-    out/images and out/metadata.csv; the held-out photos' crops, half as large, as out/heldout/<name>.png.
+    out/images and out/metadata.csv; the held-out photos' crops, half as large, as out/heldout/<name>.png,
+    and their edits' exact answers as out/heldout/<name>_<task>.png.
     The edits go round in turn, so every one has n / 6 pairs. Returns the CSV's path."""
     folder = photo_dir()
     out = Path(out)
@@ -139,7 +141,10 @@ def write_photo_edits(out: str | os.PathLike, n: int = 60, seed: int = 0) -> Pat
     for k, name in enumerate(HELDOUT):
         rng = random.Random(f"photo-edits-heldout-{seed}-{k}")
         w, h = SIZES[k % len(SIZES)]
-        crop(photos[name], (w // 2, h // 2), rng).save(out / "heldout" / f"{Path(name).stem}.png")
+        held = crop(photos[name], (w // 2, h // 2), rng)
+        held.save(out / "heldout" / f"{Path(name).stem}.png")
+        for task, (_, edit) in EDITS.items():  # the exact answers, for validation cases' `expected`
+            Image.fromarray(edit(np.asarray(held))).save(out / "heldout" / f"{Path(name).stem}_{task}.png")
     path = out / "metadata.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
