@@ -36,9 +36,9 @@ import torch
 
 from kontext.benchmark import run_benchmark
 from kontext.cli import parse_args, run_main
-from kontext.distill import few_step_timesteps
+from kontext.data.shapes_edit import benchmark_cases
+from kontext.diffusion.distill import few_step_timesteps
 from kontext.pipeline import KontextPipeline
-from kontext.shapes_edit import benchmark_cases
 
 USAGE = """usage: python benchmarks/distillation.py teacher=SOURCE [guidance_student=SOURCE] [ladd_student=SOURCE]
     [n=50] [steps=20] [cfg=4.0] [full_steps=28] [ladd_steps=[1,2,4]] [seed=0] [batch_size=64]

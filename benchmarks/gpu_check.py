@@ -55,7 +55,7 @@ def write_base(a: argparse.Namespace) -> Path:
 
     import torch
 
-    from kontext.model import Flux, get_params, save_flux
+    from kontext.network.model import Flux, get_params, save_flux
 
     path = a.out / "base.safetensors"
     torch.manual_seed(0)

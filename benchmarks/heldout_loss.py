@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from kontext import flow, packing
 from kontext.cli import parse_args, run_main
+from kontext.data.shapes_edit import OPS, generate, make_case
+from kontext.diffusion import flow
 from kontext.errors import KontextError
+from kontext.network import packing
 from kontext.pipeline import KontextPipeline
-from kontext.shapes_edit import OPS, generate, make_case
 
 USAGE = """usage: python benchmarks/heldout_loss.py models=[SOURCE,...] [n=48] [t=[0.1,0.3,0.5,0.7,0.9]]
     [split=bench] [seed=0] [guidance=1.0] [threads=null] [out=FOLDER]"""

@@ -1,4 +1,4 @@
-"""Memory and speed of the parallelism recipe (kontext/parallel.py) on one process: peak memory
+"""Memory and speed of the parallelism recipe (kontext/scale/parallel.py) on one process: peak memory
 of a training step with activation checkpointing none / selective / full, and step time with
 and without per-block torch.compile, for a model preset (default `small`) at the size it trains.
 
@@ -30,7 +30,8 @@ def training_batch(params, batch: int, size: int, n_txt: int, seed: int = 0) -> 
     """Random latents shaped like a Kontext edit batch: target + one context of `size` pixels."""
     import torch
 
-    from kontext import flow, packing
+    from kontext.diffusion import flow
+    from kontext.network import packing
 
     g = torch.Generator().manual_seed(seed)
     side = size // 8
@@ -44,7 +45,8 @@ def training_batch(params, batch: int, size: int, n_txt: int, seed: int = 0) -> 
 
 def loss_of(model, b: dict):
 
-    from kontext import flow, packing
+    from kontext.diffusion import flow
+    from kontext.network import packing
 
     tokens = b["tokens"]
     guidance = 1.0 if model.params.guidance_embed else None
@@ -71,8 +73,8 @@ def reset_peak_rss() -> None:
 def make(args: dict, ac: str, compile: bool):
     import torch
 
-    from kontext.model import build_flux
-    from kontext.parallel import ParallelConfig, parallelize
+    from kontext.network.model import build_flux
+    from kontext.scale.parallel import ParallelConfig, parallelize
 
     torch.manual_seed(0)
     model = build_flux(args["preset"]).train()
@@ -92,7 +94,7 @@ def make(args: dict, ac: str, compile: bool):
 
 def memory_child(args: dict) -> dict:
     """One configuration in this fresh process: what it keeps for backward, its step's peak."""
-    from kontext.parallel import retained_bytes
+    from kontext.scale.parallel import retained_bytes
 
     model, batch, step = make(args, args["ac"], False)
     step()  # optimizer state exists from here on

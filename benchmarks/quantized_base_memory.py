@@ -26,7 +26,7 @@ GIB = 2**30
 
 
 def params(hidden: int):
-    from kontext.model import FluxParams
+    from kontext.network.model import FluxParams
 
     return FluxParams(in_channels=64, out_channels=64, vec_in_dim=384, context_in_dim=384, hidden_size=hidden,
                       mlp_ratio=4.0, num_heads=hidden // 128, depth=4, depth_single_blocks=8,
@@ -69,7 +69,7 @@ def measure(base: str, hidden: int, kind: str) -> None:
     import torch
 
     from kontext.memory_plan import frozen_base_bytes, lora_parameters
-    from kontext.model import build_flux
+    from kontext.network.model import build_flux
     from kontext.stages.flow import FlowStage
 
     p = params(hidden)
@@ -101,7 +101,7 @@ def main() -> None:
         return
     import torch
 
-    from kontext.model import build_flux, save_flux
+    from kontext.network.model import build_flux, save_flux
 
     if not base.is_file():
         base.parent.mkdir(parents=True, exist_ok=True)

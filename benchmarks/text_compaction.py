@@ -1,4 +1,4 @@
-"""Step time of the flow model with the text padding compacted (`kontext.packing.compact_text`)
+"""Step time of the flow model with the text padding compacted (`kontext.network.packing.compact_text`)
 against the full padded length, on real Shapes-Edit instructions encoded by the embedded text
 encoder, in one process, steps interleaved.
 
@@ -24,8 +24,9 @@ def batches(batch: int, text, seed: int = 0) -> dict[str, dict]:
     """One edit batch and one text-to-image batch of real instructions and random latents."""
     import torch
 
-    from kontext import flow, packing
-    from kontext.shapes_edit import OPS, make_case
+    from kontext.data.shapes_edit import OPS, make_case
+    from kontext.diffusion import flow
+    from kontext.network import packing
 
     g = torch.Generator().manual_seed(seed)
     edits = [make_case(OPS[i % 5], split="train", seed=seed, index=i) for i in range(batch)]  # recolor..background
@@ -42,7 +43,8 @@ def batches(batch: int, text, seed: int = 0) -> dict[str, dict]:
 
 def step(model, opt, b: dict, compact: bool):
 
-    from kontext import flow, packing
+    from kontext.diffusion import flow
+    from kontext.network import packing
 
     tokens = b["tokens"]
     guidance = 1.0 if model.params.guidance_embed else None
@@ -65,8 +67,8 @@ def main() -> None:
 
     import torch
 
-    from kontext.model import build_flux
-    from kontext.text import build_text_encoder
+    from kontext.latent.text import build_text_encoder
+    from kontext.network.model import build_flux
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -9,14 +9,14 @@
 The batches are real Shapes-Edit training cases encoded by the shipped autoencoder and the
 embedded text encoder, five edit batches (target + reference tokens) to one text-to-image
 batch, as in the training mix. A step is what `python train.py` does per batch: forward
-(`kontext.packing.predict`, text compacted), flow loss, backward, gradient clipping at 1,
+(`kontext.network.packing.predict`, text compacted), flow loss, backward, gradient clipping at 1,
 fused AdamW and the EMA update. diffusers' transformer gets the converted weights (its
 output is checked against ours first), the padded text (it has no compaction) and the same
 loss, clipping, optimizer and EMA; it is also compared with ours at equal text length. The
 steps of all variants are interleaved, so a shared machine's noise hits them alike; times
 are medians after warm-up.
 
-FLOPs follow `kontext.metrics.flux_flops` (linear layers and attention; backward = 2x
+FLOPs follow `kontext.stages.metrics.flux_flops` (linear layers and attention; backward = 2x
 forward), for the work each model does: ours predicts the target tokens only. The peak is the best of repeated square matmuls (fp32; bf16 too when the CPU has
 native bf16 instructions).
 """
@@ -66,10 +66,10 @@ def make_batches(batch: int, device, seed: int = 0) -> list[dict]:
     """Five edit batches and one text-to-image batch of encoded Shapes-Edit training cases."""
     import torch
 
-    from kontext.autoencoder import load_autoencoder
+    from kontext.data.shapes_edit import OPS, make_case
     from kontext.images import to_tensor
-    from kontext.shapes_edit import OPS, make_case
-    from kontext.text import build_text_encoder
+    from kontext.latent.autoencoder import load_autoencoder
+    from kontext.latent.text import build_text_encoder
 
     ae, text = load_autoencoder(), build_text_encoder("embedded", max_length=32)
     edit_ops = [op for op in OPS if op != "t2i"]
@@ -106,7 +106,8 @@ class Trainer:
         """One step; returns (seconds, (text rows the model saw, image rows it predicted))."""
         import torch
 
-        from kontext import flow, packing
+        from kontext.diffusion import flow
+        from kontext.network import packing
 
         sync = torch.cuda.synchronize if b["x"].is_cuda else (lambda: None)
         sync()
@@ -129,7 +130,7 @@ class Trainer:
 
 
 def ours(compact: bool):
-    from kontext import packing
+    from kontext.network import packing
 
     def forward(model, tokens, z_t, t, txt, vec):
         rows = packing.model_text(txt, compact)[0].shape[1]
@@ -139,7 +140,7 @@ def ours(compact: bool):
 
 
 def theirs(model, tokens, z_t, t, txt, vec):
-    from kontext import packing
+    from kontext.network import packing
 
     img, ids = tokens.joint(z_t)
     pred = model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
@@ -155,7 +156,7 @@ def build_models(preset: str, device):
     diffusers' FluxTransformer2DModel holding the same weights; None for diffusers if absent."""
     import torch
 
-    from kontext.model import build_flux, get_params
+    from kontext.network.model import build_flux, get_params
 
     torch.manual_seed(0)
     params = get_params(preset)
@@ -167,7 +168,7 @@ def build_models(preset: str, device):
     try:
         import diffusers
 
-        from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
+        from kontext.formats.diffusers_format import bfl_to_diffusers, diffusers_config
     except ImportError:
         return params, model, None
     config = {k: v for k, v in diffusers_config(params).items() if not k.startswith("_")}
@@ -180,7 +181,7 @@ def check_same_function(model, other, b: dict) -> float:
     """Largest difference between our and diffusers' predictions on one batch (no guidance)."""
     import torch
 
-    from kontext import packing
+    from kontext.network import packing
 
     tokens = packing.prepare(b["x"], b["refs"])
     t = torch.full((tokens.img.shape[0],), 0.5, device=b["x"].device)
@@ -202,7 +203,7 @@ def main() -> None:
 
     import torch
 
-    from kontext.metrics import cpu_name, flux_flops
+    from kontext.stages.metrics import cpu_name, flux_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

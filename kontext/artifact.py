@@ -2,7 +2,7 @@
 
 `read_artifact` tells its source apart by what is there:
 - a run directory (`config.yaml`, `checkpoints/`): the checkpoint `resume=auto` would take (the
-  intact one with the highest step, :func:`kontext.checkpoint.newest_checkpoint`), or, for a run
+  intact one with the highest step, :func:`kontext.formats.checkpoint.newest_checkpoint`), or, for a run
   without checkpoints, its `export/` folder;
 - a training checkpoint of the flow stage: a `.ckpt` file, or a folder of FSDP shards (Lightning's
   distributed checkpoint, consolidated here in one process), with the `config.yaml` of its run;
@@ -11,17 +11,17 @@
 
 It returns an :class:`Artifact`: the `FluxParams`, the weights to sample with (a checkpoint's
 EMA), a checkpoint's raw weights when asked for, and the run's config or the export's
-`config.json` for the rest (autoencoder, text encoder, sampler: :mod:`kontext.loading`). The
+`config.json` for the rest (autoencoder, text encoder, sampler: :mod:`kontext.formats.loading`). The
 pipeline (`sample.py`), the distillation teacher, the export and this module's command read
 through it; the command writes the transformer as a reference-format file:
 
     python -m kontext.artifact RUN_DIR|CHECKPOINT transformer.safetensors [--raw] [--dtype bf16]
 
 A sharded checkpoint is exported without gathering it: `sharded_artifact` reads all but its
-weights, and :mod:`kontext.stream_export` writes the file tensor by tensor.
+weights, and :mod:`kontext.formats.stream_export` writes the file tensor by tensor.
 
 A run's config builds only the project's own classes (`BUILDS`) and holds no interpolation, and
-a checkpoint is read weights-only (:mod:`kontext.checkpoint`): reading someone else's run never
+a checkpoint is read weights-only (:mod:`kontext.formats.checkpoint`): reading someone else's run never
 runs their code. Every problem with the source is a one-line :class:`KontextError`.
 """
 
@@ -38,12 +38,12 @@ import torch
 from torch import Tensor
 
 from kontext.errors import KontextError, first_line
-from kontext.model import Flux, FluxParams
+from kontext.network.model import Flux, FluxParams
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from kontext.slices import Rows
+    from kontext.formats.slices import Rows
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} 
 EXPORT_FORMAT = "kontext-export"
 # What each section of a run's config may build (`_target_`, at any depth).
 BUILDS = {
-    "model": {"kontext.model.FluxParams"},
-    "autoencoder": {"kontext.autoencoder.AutoEncoderParams", "kontext.autoencoder.load_autoencoder"},
-    "text": {"kontext.text.build_text_encoder"},
+    "model": {"kontext.network.model.FluxParams"},
+    "autoencoder": {"kontext.latent.autoencoder.AutoEncoderParams", "kontext.latent.autoencoder.load_autoencoder"},
+    "text": {"kontext.latent.text.build_text_encoder"},
 }
+# The same, as runs recorded them before the package was split into subpackages.
+FORMER_TARGETS = {"kontext.model.FluxParams": "kontext.network.model.FluxParams",
+                  "kontext.autoencoder.AutoEncoderParams": "kontext.latent.autoencoder.AutoEncoderParams",
+                  "kontext.autoencoder.load_autoencoder": "kontext.latent.autoencoder.load_autoencoder",
+                  "kontext.text.build_text_encoder": "kontext.latent.text.build_text_encoder"}
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Artifact:
                     dtype: torch.dtype | None = None) -> Flux:
         """The `Flux` with the EMA (or raw) weights, built strictly per `params`; for a LoRA run
         (`stage.lora` in its config) its base `stage.init_from` with those adapters merged in."""
-        from kontext.model import flux_from_weights
+        from kontext.network.model import flux_from_weights
 
         weights = self.raw if raw else self.ema
         if weights is None:
@@ -99,8 +104,8 @@ class Artifact:
     def _merged_lora_run(self, adapters: dict[str, Tensor], alpha: float, what: str) -> Flux:
         from omegaconf import OmegaConf
 
-        from kontext.lora import adapters_from_state
-        from kontext.lora_files import merge
+        from kontext.formats.lora_files import merge
+        from kontext.network.lora import adapters_from_state
 
         base = OmegaConf.select(self.run_config, "stage.init_from", default=None)
         if not base or not Path(str(base)).exists():
@@ -108,7 +113,7 @@ class Artifact:
         model = load_model(str(base), self.params, f"the base of LoRA run {self.path}")
         if kind := OmegaConf.select(self.run_config, "stage.lora.quantize_base", default=None):
             # the weights the adapters trained with, as the run's own export has them
-            from kontext.lora import precision_dtype, rounded_as_trained
+            from kontext.network.lora import precision_dtype, rounded_as_trained
 
             rounded_as_trained(model, kind, precision_dtype(OmegaConf.select(self.run_config, "trainer.precision",
                                                                              default="32-true")))
@@ -128,7 +133,7 @@ def read_artifact(source: str | os.PathLike, *, checkpoint: str | os.PathLike | 
       checkpoint's tensors on the meta device (shapes and dtypes from its metadata, none read)."""
     kind, path, config = locate(source, checkpoint, config)
     if kind == "file":
-        from kontext.model import read_flux
+        from kontext.network.model import read_flux
 
         params, tensors = read_flux(path, params, device=device)
         return Artifact(params, tensors, None, path)
@@ -159,7 +164,7 @@ def source_rows(source: str | os.PathLike | Flux, what: str = "model", read: boo
     """The architecture of `source` and a reader of its weights' rows, nothing read yet
     (`weight_rows`); a LoRA run's weights are merged whole (said in the log), unless `read=False`,
     which gives the architecture alone. A model in memory is its own rows."""
-    from kontext.slices import TensorRows
+    from kontext.formats.slices import TensorRows
 
     if isinstance(source, Flux):
         return source.params, TensorRows(source.state_dict())
@@ -174,10 +179,10 @@ def source_rows(source: str | os.PathLike | Flux, what: str = "model", read: boo
 def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = None,
                 raw: bool = False) -> tuple[FluxParams, Rows | None]:
     """The architecture of `source` (as `read_artifact` reads it) and a reader of its weights'
-    rows (:mod:`kontext.slices`) that has read no tensor yet: a model sharded on `meta` takes
+    rows (:mod:`kontext.formats.slices`) that has read no tensor yet: a model sharded on `meta` takes
     only its rows from it. No reader (None) for a LoRA run, whose weights are a merge computed whole."""
-    from kontext.model import CHECKPOINT_PREFIXES, file_params
-    from kontext.slices import FileRows, FolderRows, TensorRows
+    from kontext.formats.slices import FileRows, FolderRows, TensorRows
+    from kontext.network.model import CHECKPOINT_PREFIXES, file_params
 
     kind, path, config = locate(source)
     if kind == "file":
@@ -221,7 +226,7 @@ def locate(source: str | os.PathLike, checkpoint: str | os.PathLike | None = Non
 def sharded_artifact(source: str | os.PathLike, raw: bool = False) -> Artifact | None:
     """`read_artifact(source, raw=raw)` without its weights (meta tensors) when `source` is, or
     resolves to, a sharded checkpoint folder of a run that is not a LoRA run: an export streams
-    its weights tensor by tensor (:mod:`kontext.stream_export`). None for any other source, and
+    its weights tensor by tensor (:mod:`kontext.formats.stream_export`). None for any other source, and
     for a missing one (the caller's own reader says what is wrong)."""
     if not Path(source).expanduser().exists():
         return None
@@ -233,14 +238,14 @@ def sharded_artifact(source: str | os.PathLike, raw: bool = False) -> Artifact |
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
-    from kontext.checkpoint import META
+    from kontext.formats.checkpoint import META
 
     return path.suffix == ".ckpt" or (path / ".metadata").is_file() or (path / META).is_file()
 
 
 def _run_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path | None:
     """The given checkpoint, else the one `resume=auto` takes; None when the run has none."""
-    from kontext.checkpoint import CheckpointError, newest_checkpoint
+    from kontext.formats.checkpoint import CheckpointError, newest_checkpoint
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -252,7 +257,7 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path
 
 
 def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool, weights: bool = True) -> Artifact:
-    from kontext.checkpoint import consolidate
+    from kontext.formats.checkpoint import consolidate
 
     if config is None:  # RUN/checkpoints/x.ckpt, or a checkpoint beside its config
         here = Path(os.path.abspath(path))
@@ -291,7 +296,7 @@ def _export_params(folder: Path, cfg: dict) -> FluxParams:
 
 
 def _read_export(folder: Path, device: str | torch.device) -> Artifact:
-    from kontext.model import read_flux
+    from kontext.network.model import read_flux
 
     cfg = read_export_config(folder)
     params = _export_params(folder, cfg)
@@ -326,6 +331,15 @@ def _targets(node) -> list[str]:
     return []
 
 
+def _renamed(node):
+    """`node` with the `_target_`s of FORMER_TARGETS under their current names."""
+    if isinstance(node, dict):
+        return {k: FORMER_TARGETS.get(v, v) if k == "_target_" else _renamed(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renamed(v) for v in node]
+    return node
+
+
 def build_from_run_config(section, what: str, where: Path):
     """Instantiate the `what` section of the run config `where`, if it builds only `BUILDS[what]`."""
     from hydra.utils import instantiate
@@ -335,6 +349,7 @@ def build_from_run_config(section, what: str, where: Path):
         raise KontextError(f"{where} has no '{what}' section")
     if not isinstance(section, DictConfig):
         raise KontextError(f"the {what} section of {where} is {section!r}, not a mapping")
+    section = OmegaConf.create(_renamed(OmegaConf.to_container(section)))
     for target in _targets(OmegaConf.to_container(section)):
         if target not in BUILDS[what]:
             raise KontextError(f"the {what} section of {where} names {target!r}, which is not built from a run's "
@@ -357,11 +372,11 @@ def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: b
     """The transformer of `source` (a checkpoint's EMA, or with `ema=False` its raw weights) as a
     reference-format safetensors file, cast to `dtype` (default: as stored). A sharded checkpoint
     is written tensor by tensor, never gathered whole."""
-    from kontext.model import flux_metadata, save_flux
+    from kontext.network.model import flux_metadata, save_flux
 
     sharded = sharded_artifact(source, raw=not ema)
     if sharded is not None:
-        from kontext.stream_export import stream_transformer
+        from kontext.formats.stream_export import stream_transformer
 
         return stream_transformer(sharded, out, raw=not ema, dtype=dtype, metadata=flux_metadata(sharded.params))
     return Path(save_flux(read_artifact(source, raw=not ema).transformer(raw=not ema, dtype=dtype), out))

@@ -3,7 +3,7 @@
     python -m kontext.benchmark checkpoint=outputs/train/default n=50 chains=20 out=bench/
 
 Single edits: `n` cases of each of the six operations from the "bench" split (scene seeds that
-training never uses), generated in batches and scored by `kontext.shapes_edit.score_case`
+training never uses), generated in batches and scored by `kontext.data.shapes_edit.score_case`
 (class map over the 9-colour palette, pass = edit_acc >= 0.80 and keep_acc >= 0.95). Reported
 per operation and overall: pass rate, mean edit_acc, mean keep_acc.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from kontext.shapes_edit import DEFAULT_SIZE, OPS, benchmark_cases, make_chain, score_case
+from kontext.data.shapes_edit import DEFAULT_SIZE, OPS, benchmark_cases, make_chain, score_case
 
 GRID_PER_OP = 2
 USAGE = """usage: python -m kontext.benchmark checkpoint=RUN_DIR|CKPT|EXPORT [n=50] [chains=20] [turns=8] [out=FOLDER]

@@ -13,16 +13,16 @@ export folder, read by :mod:`kontext.artifact`. The export folder holds:
   config) and the sampler defaults, including an explicit timestep list for a distilled student;
 - with `diffusers=true`, `transformer/`: the same transformer as a diffusers
   `FluxTransformer2DModel` folder (`config.json` + `diffusion_pytorch_model.safetensors`,
-  keys converted by :mod:`kontext.diffusers_format`).
+  keys converted by :mod:`kontext.formats.diffusers_format`).
 
-With `lora=` (a file or a list, see `kontext.lora_files`) the adapters are merged into the
+With `lora=` (a file or a list, see `kontext.formats.lora_files`) the adapters are merged into the
 transformer first, each scaled by `lora_scale` (one number, or one per file): the export is
 the merged model, which loads anywhere without adapter support.
 
 Everything is written into a temporary folder beside `out` and renamed into place at the
 end, so a failed export never leaves a half-written folder. A sharded (FSDP) checkpoint, or a
 run whose newest checkpoint is one, is never gathered: both transformer files are written from
-it tensor by tensor (:mod:`kontext.stream_export`; not with `lora=`, which merges in memory).
+it tensor by tensor (:mod:`kontext.formats.stream_export`; not with `lora=`, which merges in memory).
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def export_config(pipe: KontextPipeline) -> dict:
 def write_diffusers_transformer(model, folder: Path, sharded: Artifact | None = None) -> Path:
     """A diffusers `FluxTransformer2DModel` folder for `model` (a `Flux`), or, given `sharded`
     (`kontext.artifact.sharded_artifact`), for its EMA weights, streamed tensor by tensor."""
-    from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
-    from kontext.stream_export import stream_transformer
-    from kontext.weights import save_safetensors
+    from kontext.formats.diffusers_format import bfl_to_diffusers, diffusers_config
+    from kontext.formats.stream_export import stream_transformer
+    from kontext.formats.weights import save_safetensors
 
     weights = folder / "diffusion_pytorch_model.safetensors"
     try:
@@ -105,11 +105,11 @@ def export(source: str | os.PathLike | KontextPipeline, out_dir: str | os.PathLi
            overwrite: bool = False, lora=None, lora_scale=1.0) -> Path:
     """Write the export folder `out_dir` (see the module docstring) and return its path. With
     `lora`, a pipeline given as `source` gets the adapters merged into its own model."""
-    from kontext.autoencoder import save_autoencoder
-    from kontext.loading import read_parts
-    from kontext.lora_files import apply_adapters, read_adapters
-    from kontext.model import flux_metadata, save_flux
-    from kontext.stream_export import stream_transformer
+    from kontext.formats.loading import read_parts
+    from kontext.formats.lora_files import apply_adapters, read_adapters
+    from kontext.formats.stream_export import stream_transformer
+    from kontext.latent.autoencoder import save_autoencoder
+    from kontext.network.model import flux_metadata, save_flux
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not overwrite:

@@ -45,9 +45,9 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
-from kontext import attention as attention_module
-from kontext import parallel
-from kontext.model import build_flux, get_params
+from kontext.network import attention as attention_module
+from kontext.network.model import build_flux, get_params
+from kontext.scale import parallel
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -103,7 +103,7 @@ def lora_parameters(model: nn.Module, rank: int) -> int:
 
 
 # Bytes per stored value and per output row (scale, zero point) of torchao's weight-only tensors
-# (`adapter.quantize_base`, kontext.lora.quantize_base).
+# (`adapter.quantize_base`, kontext.network.lora.quantize_base).
 QUANTIZED_BYTES = {"int8": (1, 4 + 1), "fp8": (1, 4)}
 
 
@@ -123,7 +123,7 @@ def frozen_base_bytes(model: nn.Module, dtype_bytes: int, quantize: str | None =
 def encoder_bytes(with_text: bool = True) -> int:
     """Bytes of the frozen encoders on a GPU: T5-XXL encoder and CLIP-L text in bf16, the FLUX
     autoencoder in fp32."""
-    from kontext.autoencoder import AE_PRESETS, AutoEncoder
+    from kontext.latent.autoencoder import AE_PRESETS, AutoEncoder
 
     with torch.device("meta"):
         total = 4 * sum(p.numel() for p in AutoEncoder(AE_PRESETS["flux"]).parameters())
@@ -214,7 +214,7 @@ def plan(cfg: PlanConfig) -> Plan:
 
 def _block_activations(block: nn.Module, params, cfg: PlanConfig, n_out: int, dtype: torch.dtype) -> int:
     """Full activations of one block (no checkpointing) at the planned shapes, on `meta`."""
-    from kontext.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
+    from kontext.network.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
 
     d, heads, b = params.hidden_size, params.num_heads, cfg.batch
     n_img, n_txt = n_out * (1 + cfg.contexts), cfg.txt_tokens

@@ -2,13 +2,13 @@
 
 `KontextPipeline` holds the flow transformer, the autoencoder, the text encoder and the
 sampler defaults. A call encodes zero or more reference images to context latents, encodes
-the instruction, runs the Euler sampler of :mod:`kontext.sampling` (the same packing as
+the instruction, runs the Euler sampler of :mod:`kontext.diffusion.sampling` (the same packing as
 training; the schedule's shift follows the target token count only) and decodes the target
 latent (reference FLUX.1 Kontext sampler, fact sheet §3-4). `edit` does many cases at once,
 batching those whose reference and output sizes agree; every case draws its own noise from
 its own seed, so an output depends on its seed and inputs only, not on what it was batched
 with. Size policy and image conversion: :mod:`kontext.images`. Loading from a run, a
-checkpoint, an export folder or the official files: :mod:`kontext.loading` builds the parts (the
+checkpoint, an export folder or the official files: :mod:`kontext.formats.loading` builds the parts (the
 trained weights come through :mod:`kontext.artifact`).
 """
 
@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kontext import packing
+from kontext.diffusion.flow import schedule
+from kontext.diffusion.sampling import denoise, get_noise
 from kontext.errors import KontextError
-from kontext.flow import schedule
+from kontext.formats.loading import PipelineParts, official_parts, read_parts
 from kontext.images import MAX_AREA, ImageInput, check_output_size, prepare_reference, to_pil, to_tensor
-from kontext.loading import PipelineParts, official_parts, read_parts
-from kontext.sampling import denoise, get_noise
+from kontext.network import packing
 
 
 @dataclass
@@ -243,7 +243,7 @@ class KontextPipeline:
                       cfg_scale=plan["cfg"], uncond=uncond, progress=self.progress)  # (B, L_img, 64)
         return self.decode_latents(tokens.unpack(img))
 
-    # -- loading (the parts: kontext.loading; the weights: kontext.artifact) -------------------
+    # -- loading (the parts: kontext.formats.loading; the weights: kontext.artifact) -------------------
     @classmethod
     def from_parts(cls, parts: PipelineParts, **kwargs) -> KontextPipeline:
         """`kwargs` (sampler settings, batch_size, progress) override what the source records."""
@@ -255,7 +255,7 @@ class KontextPipeline:
     def load(cls, source, *, checkpoint=None, config=None, text=None, device="cpu", dtype=None,
              **kwargs) -> KontextPipeline:
         """From whatever `source` is: a run directory, a training checkpoint (a `.ckpt` file or an
-        FSDP folder) or an export folder (see `kontext.loading.read_parts`)."""
+        FSDP folder) or an export folder (see `kontext.formats.loading.read_parts`)."""
         return cls.from_parts(read_parts(source, checkpoint=checkpoint, config=config, text=text, device=device,
                                          dtype=dtype), **kwargs)
 
@@ -273,7 +273,7 @@ class KontextPipeline:
 
     @classmethod
     def from_official(cls, transformer_path, ae_path, t5_dir, clip_dir, **kwargs) -> KontextPipeline:
-        """The official files (see `kontext.loading.official_parts`; `batch_size` and `progress`
+        """The official files (see `kontext.formats.loading.official_parts`; `batch_size` and `progress`
         go to the pipeline)."""
         own = {k: kwargs.pop(k) for k in ("batch_size", "progress") if k in kwargs}
         return cls.from_parts(official_parts(transformer_path, ae_path, t5_dir, clip_dir, **kwargs), **own)

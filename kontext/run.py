@@ -27,12 +27,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, TQDMProgr
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from kontext import slurm
-from kontext.attention import set_attention_backend
-from kontext.checkpoint import find_resume_checkpoint, weights_only_loads
 from kontext.config_check import check_config
 from kontext.errors import KontextError
-from kontext.metrics import Throughput
+from kontext.formats.checkpoint import find_resume_checkpoint, weights_only_loads
+from kontext.network.attention import set_attention_backend
+from kontext.scale import slurm
+from kontext.stages.metrics import Throughput
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -57,7 +57,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kontext_asset"):
         OmegaConf.register_new_resolver("kontext_asset", lambda name: str(ASSETS / name))
     if not OmegaConf.has_resolver("wandb_run_id"):
-        from kontext.metrics import persistent_run_id
+        from kontext.stages.metrics import persistent_run_id
 
         OmegaConf.register_new_resolver("wandb_run_id", persistent_run_id)
 
@@ -88,7 +88,7 @@ def _run(cfg: DictConfig) -> dict:
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    slurm.install()  # first: a preemption signal from now on only sets a flag (kontext/slurm.py)
+    slurm.install()  # first: a preemption signal from now on only sets a flag (kontext/scale/slurm.py)
     ckpt = find_resume_checkpoint(cfg.get("resume"), run_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     set_attention_backend(cfg.get("attention", "auto"))

@@ -11,7 +11,7 @@ Modes (see `configs/sample.yaml`):
   repeated output, seed out of range) is skipped and reported at the end; the others are written.
 
 `lora=` merges LoRA adapters (one file or a list, reference or diffusers layout, see
-`kontext.lora_files`) into the loaded transformer, each scaled by `lora_scale=` (one number, or
+`kontext.formats.lora_files`) into the loaded transformer, each scaled by `lora_scale=` (one number, or
 one per file).
 
 Every option, image, adapter file and output path is checked before the model loads, so a
@@ -242,7 +242,7 @@ def _options(cfg) -> dict:
             raise KontextError(f"timesteps must be a list of numbers such as [1.0,0.5,0.0], got {timesteps!r}")
         timesteps = check_timesteps(timesteps)
     negative = cfg.negative_prompt
-    from kontext.lora_files import read_adapters
+    from kontext.formats.lora_files import read_adapters
 
     lora = OmegaConf.to_container(cfg.lora) if OmegaConf.is_config(cfg.lora) else cfg.lora
     scale = OmegaConf.to_container(cfg.lora_scale) if OmegaConf.is_config(cfg.lora_scale) else cfg.lora_scale
@@ -274,7 +274,7 @@ def _load(cfg, options: dict):
     else:
         pipe = KontextPipeline.load(str(cfg.checkpoint), dtype=dtype, **kwargs)
     if options["lora"]:
-        from kontext.lora_files import apply_adapters
+        from kontext.formats.lora_files import apply_adapters
 
         apply_adapters(pipe.model, options["lora"])
     return pipe

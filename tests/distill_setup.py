@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_kontext import random_autoencoder, random_flux, text_encoder, write_run_dir
 
-from kontext.autoencoder import AE_PRESETS, AutoEncoder, save_autoencoder
-from kontext.model import get_params
+from kontext.latent.autoencoder import AE_PRESETS, AutoEncoder, save_autoencoder
+from kontext.network.model import get_params
 from kontext.pipeline import KontextPipeline
 from kontext.run import CONFIG_DIR, register_resolvers
 

@@ -11,10 +11,10 @@ from test_train import random_ae  # noqa: F401  (a fixture)
 from tiny_kontext import random_flux, tiny_pipeline, write_run_dir
 
 from kontext.artifact import export_transformer, read_artifact
-from kontext.checkpoint import find_resume_checkpoint
 from kontext.errors import KontextError
 from kontext.export import export
-from kontext.model import load_flux, save_flux
+from kontext.formats.checkpoint import find_resume_checkpoint
+from kontext.network.model import load_flux, save_flux
 from kontext.stages.teacher import load_teacher
 
 
@@ -61,11 +61,11 @@ def test_a_run_is_read_from_the_checkpoint_resume_takes(tmp_path, caplog):
     assert_same_weights(artifact.ema, later.state_dict())
 
     (ckpts / "step0000005.ckpt").write_bytes(b"garbage")
-    with caplog.at_level("WARNING", logger="kontext.checkpoint"):
+    with caplog.at_level("WARNING", logger="kontext.formats.checkpoint"):
         artifact = read_artifact(run)
     assert artifact.path == ckpts / "last.ckpt" and str(artifact.path) == find_resume_checkpoint("auto", ckpts)
     assert_same_weights(artifact.ema, pipe.model.state_dict())
-    skipped = [r.getMessage() for r in caplog.records if r.name == "kontext.checkpoint"]
+    skipped = [r.getMessage() for r in caplog.records if r.name == "kontext.formats.checkpoint"]
     assert skipped and all(m.startswith(f"skipped: checkpoint {ckpts / 'step0000005.ckpt'} is truncated") for m in skipped)
 
 
@@ -83,7 +83,7 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
     from test_train import compose_train, tiny_overrides
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from kontext.checkpoint import load_file
+    from kontext.formats.checkpoint import load_file
     from kontext.run import CONFIG_DIR
     from kontext.sample import run_sample
 
@@ -128,7 +128,7 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
     exported = load_flux(export_transformer(fsdp_run, tmp_path / "fsdp.safetensors", ema=False)).state_dict()
     assert_same_weights(exported, b.raw)
 
-    # Exported from the shards tensor by tensor (kontext.stream_export): the files of the consolidation.
+    # Exported from the shards tensor by tensor (kontext.formats.stream_export): the files of the consolidation.
     from test_stream_export import assert_same_file
 
     streamed, gathered = (export(run, tmp_path / f"export_{run.name}", diffusers=True) for run in (fsdp_run, single_run))
@@ -139,7 +139,7 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
 def test_stage_init_from_takes_any_source(tmp_path):
     """`stage.init_from` (full training, built whole or on `meta`, and a LoRA base) reads a run
     directory, a checkpoint, an export folder or a reference file: the same starting weights."""
-    from kontext.lora import unwrap
+    from kontext.network.lora import unwrap
     from kontext.stages.flow import FlowStage
 
     pipe = tiny_pipeline(seed=3)
@@ -165,3 +165,42 @@ def test_stage_init_from_takes_any_source(tmp_path):
             FlowStage(params, init_from=str(other), **kwargs)
     with pytest.raises(KontextError, match=r"^stage.init_from not found: .*nowhere \(give a run directory"):
         FlowStage(params, init_from=str(tmp_path / "nowhere"))
+
+
+def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path):
+    """Run configs name `kontext.model.FluxParams` (and the autoencoder's and text encoder's
+    builders) as they were before the modules moved into subpackages; checkpoints pickle the
+    parameter dataclasses under those names. Both still read."""
+    import io
+    import zipfile
+
+    from kontext.artifact import FORMER_TARGETS
+    from kontext.formats.checkpoint import load_file
+    from kontext.latent.autoencoder import AE_PRESETS
+    from kontext.pipeline import KontextPipeline
+
+    pipe = tiny_pipeline(seed=3)
+    run = write_run_dir(tmp_path / "run", pipe)
+    config = (run / "config.yaml").read_text()
+    for former, now in FORMER_TARGETS.items():
+        config = config.replace(now, former)
+    assert "kontext.model.FluxParams" in config and "kontext.network" not in config
+    (run / "config.yaml").write_text(config)
+    loaded = KontextPipeline.from_run_dir(run)
+    assert_same_weights(loaded.model.state_dict(), pipe.model.state_dict())
+
+    buf = io.BytesIO()
+    torch.save({"model": pipe.model.params, "autoencoder": AE_PRESETS["embedded"]}, buf)
+    old = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(old, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"kontext.network.model\n", b"kontext.model\n")
+                data = data.replace(b"kontext.latent.autoencoder\n", b"kontext.autoencoder\n")
+                assert b"kontext.model\n" in data and b"kontext.autoencoder\n" in data
+            zout.writestr(item, data)
+    (tmp_path / "old.ckpt").write_bytes(old.getvalue())
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):
+        state = load_file(tmp_path / "old.ckpt")
+        assert state == {"model": pipe.model.params, "autoencoder": AE_PRESETS["embedded"]}

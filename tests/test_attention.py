@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kontext import attention as attn_mod
-from kontext.attention import apply_rope, attention, resolve_backend, rope, set_attention_backend
-from kontext.layers import EmbedND
+from kontext.network import attention as attn_mod
+from kontext.network.attention import apply_rope, attention, resolve_backend, rope, set_attention_backend
+from kontext.network.layers import EmbedND
 
 AXES = [4, 6, 6]  # head_dim 16
 THETA = 10_000

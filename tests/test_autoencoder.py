@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kontext.autoencoder import (
+from kontext.formats.weights import WeightsError, read_metadata
+from kontext.latent.autoencoder import (
     AE_PRESETS,
     EMBEDDED_PATH,
     AutoEncoder,
@@ -19,7 +20,6 @@ from kontext.autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
-from kontext.weights import WeightsError, read_metadata
 
 KEYS = Path(__file__).parent / "assets" / "flux_ae_keys.txt"
 
@@ -100,7 +100,7 @@ def test_shape_errors_are_clear():
 
 
 def test_kl_is_zero_for_the_prior_and_positive_otherwise():
-    from kontext.autoencoder import DiagonalGaussian
+    from kontext.latent.autoencoder import DiagonalGaussian
 
     zero = DiagonalGaussian.from_moments(torch.zeros(2, 8, 3, 3))
     torch.testing.assert_close(zero.kl(), torch.zeros(2))
@@ -233,7 +233,7 @@ def test_embedded_autoencoder_reconstructs_unseen_scenes():
     neither training nor the file's reported evaluation used."""
     import numpy as np
 
-    from kontext import shapes_edit as se
+    from kontext.data import shapes_edit as se
     from kontext.data.rendered import render_batch
 
     ae = load_autoencoder(EMBEDDED_PATH)

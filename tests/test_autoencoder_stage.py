@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from kontext import autoencoder_loss as losses
-from kontext import shapes_edit as se
-from kontext.autoencoder import AutoEncoderParams, load_autoencoder
+from kontext.data import shapes_edit as se
 from kontext.data.rendered import RenderedDataModule, RenderedScenes, render_batch
+from kontext.formats.weights import read_metadata
+from kontext.latent import autoencoder_loss as losses
+from kontext.latent.autoencoder import AutoEncoderParams, load_autoencoder
 from kontext.stages.autoencoder import AutoEncoderStage, resolve_palette
-from kontext.weights import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = resolve_palette("shapes_edit")

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from test_bad_input_training import Payload
 
 from kontext.artifact import export_transformer
-from kontext.checkpoint import CheckpointError, find_resume_checkpoint
 from kontext.errors import KontextError
+from kontext.formats.checkpoint import CheckpointError, find_resume_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 
@@ -64,9 +64,9 @@ def test_damaged_checkpoint_is_skipped_for_the_newest_intact(tmp_path, how, capl
     _checkpoint(ckpts / "step0000002.ckpt", 2)
     _checkpoint(ckpts / "step0000004.ckpt", 4)
     _damage(_checkpoint(ckpts / "last.ckpt", 6), how, tmp_path)
-    with caplog.at_level("WARNING", logger="kontext.checkpoint"):
+    with caplog.at_level("WARNING", logger="kontext.formats.checkpoint"):
         assert find_resume_checkpoint("auto", ckpts) == str(ckpts / "step0000004.ckpt")
-    [record] = [r for r in caplog.records if r.name == "kontext.checkpoint"]
+    [record] = [r for r in caplog.records if r.name == "kontext.formats.checkpoint"]
     assert record.getMessage().startswith(f"skipped: checkpoint {ckpts / 'last.ckpt'} ")
     assert DAMAGE[how][1] in record.getMessage() and "\n" not in record.getMessage()
     assert not (tmp_path / "PWNED").exists()
@@ -112,13 +112,13 @@ def _edit_config(run_dir: Path, section: str, node) -> None:
 
 CONFIG_PAYLOADS = {  # section, node, the error's tail
     "model _target_": ("model", {"_target_": "os.makedirs", "name": "{pwned}"},
-                       "names 'os.makedirs', which is not built from a run's config (allowed: kontext.model.FluxParams)"),
-    "nested _target_": ("autoencoder", {"_target_": "kontext.autoencoder.load_autoencoder",
+                       "names 'os.makedirs', which is not built from a run's config (allowed: kontext.network.model.FluxParams)"),
+    "nested _target_": ("autoencoder", {"_target_": "kontext.latent.autoencoder.load_autoencoder",
                                         "path": {"_target_": "os.makedirs", "name": "{pwned}"}},
                         "names 'os.makedirs', which is not built from a run's config"),
     "text _target_": ("text", {"_target_": "subprocess.run", "args": ["mkdir", "{pwned}"]},
                       "names 'subprocess.run', which is not built from a run's config"),
-    "interpolation": ("model", {"_target_": "kontext.model.FluxParams", "depth": "${oc.env:HOME}"},
+    "interpolation": ("model", {"_target_": "kontext.network.model.FluxParams", "depth": "${oc.env:HOME}"},
                       "holds an interpolation (depth: ${oc.env:HOME}); a run's config is stored resolved"),
     "not a mapping": ("model", "os.makedirs", "the model section of"),
 }
@@ -160,7 +160,7 @@ def test_a_list_of_shards_keeps_checkpoints_loadable(tmp_path):
     into every checkpoint, which must stay readable weights-only."""
     from hydra.utils import instantiate
 
-    from kontext.checkpoint import load_file
+    from kontext.formats.checkpoint import load_file
 
     module = instantiate(OmegaConf.create({"_target_": "kontext.data.loader.KontextDataModule",
                                            "shards": [str(tmp_path / "a"), str(tmp_path / "b")],
@@ -177,7 +177,7 @@ def test_sharded_checkpoint_metadata_runs_no_code(tmp_path, module, name):
     whatever the allowed module imports (pickle protocol 4 resolves `os.makedirs` in it)."""
     import pickle
 
-    from kontext.checkpoint import CheckpointError, read_state
+    from kontext.formats.checkpoint import CheckpointError, read_state
 
     folder = tmp_path / "last.ckpt"
     folder.mkdir()

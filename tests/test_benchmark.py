@@ -9,7 +9,7 @@ from PIL import Image
 from tiny_kontext import tiny_pipeline, write_run_dir
 
 from kontext.benchmark import main, run_benchmark
-from kontext.shapes_edit import EDIT_OPS, OPS, benchmark_cases, make_chain
+from kontext.data.shapes_edit import EDIT_OPS, OPS, benchmark_cases, make_chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +147,7 @@ class VelocityOracle(torch.nn.Module):
 
 
 def test_heldout_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
-    from kontext import packing
+    from kontext.network import packing
 
     script = _heldout_script()
     pipe = tiny_pipeline(seed=1)

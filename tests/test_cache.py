@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kontext import shapes_edit
-from kontext.autoencoder import AutoEncoder, AutoEncoderParams
+from kontext.data import shapes_edit
 from kontext.data.cache import (
     CacheError,
     StaleCacheError,
@@ -23,7 +22,8 @@ from kontext.data.cache import (
 )
 from kontext.data.stream import StreamConfig, WorkerStream
 from kontext.data.writers import write_shapes_edit
-from kontext.text import build_text_encoder
+from kontext.latent.autoencoder import AutoEncoder, AutoEncoderParams
+from kontext.latent.text import build_text_encoder
 
 N = 20
 S = 32  # canvas size: small images keep the autoencoder cheap
@@ -271,9 +271,9 @@ def test_damaged_cache_is_refused(tmp_path, built, shards, text):
 
 
 def test_command_builds_then_reuses(tmp_path, shards, capsys):
-    from kontext.autoencoder import save_autoencoder
     from kontext.cli import run_main
     from kontext.data.cache import cache_main
+    from kontext.latent.autoencoder import save_autoencoder
 
     ae_file = save_autoencoder(tiny_ae(), tmp_path / "ae.safetensors")
     args = [f"out={tmp_path / 'cache'}", f"shards={shards[0].rsplit('/', 1)[0]}", f"autoencoder={ae_file}",

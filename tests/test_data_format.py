@@ -17,8 +17,8 @@ from kontext.data.format import (
     make_key,
     to_record,
 )
+from kontext.data.shapes_edit import make_case
 from kontext.data.writers import ShardWriter, ensure_shapes_edit, shapes_edit_sample, write_shapes_edit
-from kontext.shapes_edit import make_case
 
 
 def _png(color=(1, 2, 3), size=(20, 16)):

@@ -323,8 +323,8 @@ def test_loose_reference_reaches_the_model_at_its_own_shape(tmp_path):
     grid of context tokens (ids t = 1, its own rows and columns), beside the target's square."""
     from tiny_kontext import TINY_AE, text_encoder
 
-    from kontext.autoencoder import AutoEncoder
-    from kontext.model import FLUX_PRESETS
+    from kontext.latent.autoencoder import AutoEncoder
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     rng = np.random.default_rng(3)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
-from kontext.model import build_flux, get_params
-from kontext.packing import prepare, txt_ids
+from kontext.formats.diffusers_format import bfl_to_diffusers, diffusers_config
+from kontext.network.model import build_flux, get_params
+from kontext.network.packing import prepare, txt_ids
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -14,9 +14,10 @@ from distill_setup import TINY_NO_GUIDANCE, compose_distill, one_thread, shared_
 from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
-from kontext import distill, flow, packing, sampling
+from kontext.diffusion import distill, flow, sampling
 from kontext.errors import KontextError
-from kontext.model import build_flux, get_params, load_flux
+from kontext.network import packing
+from kontext.network.model import build_flux, get_params, load_flux
 from kontext.run import run
 from kontext.stages.teacher import Teacher, init_student, load_teacher
 
@@ -220,7 +221,7 @@ def test_distill_loss_regresses_onto_the_guided_teacher():
 
 
 def test_teacher_paths_follow_the_guided_sampler_and_start_staggered():
-    from kontext.sampling import denoise
+    from kontext.diffusion.sampling import denoise
     from kontext.stages.guidance_distill import GuidanceDistillStage
 
     teacher = random_flux(7, TINY_NO_GUIDANCE)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from tiny_kontext import random_autoencoder, random_flux, text_encoder, tiny_pipeline, write_run_dir
 
-from kontext import packing
+from kontext.data.shapes_edit import make_case
 from kontext.errors import KontextError
 from kontext.export import export, main
-from kontext.model import load_flux
+from kontext.formats.weights import read_safetensors
+from kontext.network import packing
+from kontext.network.model import load_flux
 from kontext.pipeline import KontextPipeline
-from kontext.shapes_edit import make_case
-from kontext.weights import read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

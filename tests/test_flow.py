@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kontext.flow import (
+from kontext.diffusion.flow import (
     flow_loss,
     interpolate,
     mu_for_tokens,

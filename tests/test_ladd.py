@@ -14,11 +14,11 @@ from distill_setup import compose_distill, one_thread, shared_setting  # noqa: F
 from fit_record import FitRecord
 from tiny_kontext import random_flux, text_encoder
 
-from kontext import packing
-from kontext.discriminator import Discriminator, block_features, resolve_blocks
 from kontext.errors import KontextError
-from kontext.layers import timestep_embedding
-from kontext.model import TIME_EMBED_DIM, get_params
+from kontext.network import packing
+from kontext.network.discriminator import Discriminator, block_features, resolve_blocks
+from kontext.network.layers import timestep_embedding
+from kontext.network.model import TIME_EMBED_DIM, get_params
 from kontext.run import run
 from kontext.stages.ladd import LADDStage
 from kontext.stages.teacher import Teacher, load_teacher
@@ -168,8 +168,8 @@ def test_discriminator_update_trains_the_heads_only():
 
 
 def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
-    from kontext.flow import schedule
-    from kontext.sampling import denoise
+    from kontext.diffusion.flow import schedule
+    from kontext.diffusion.sampling import denoise
 
     stage = _stage()
     tokens, _, _, _, _, _, _ = _inputs(ctx_hw=(8, 8))
@@ -186,7 +186,7 @@ def test_teacher_reals_come_with_the_noise_they_were_sampled_from():
 
 
 def test_simulated_student_inputs_are_its_own_sampler_path():
-    from kontext.sampling import denoise
+    from kontext.diffusion.sampling import denoise
 
     stage = _stage(student_inputs="simulate", student_guidance=2.0)
     tokens, _, _, _, _, _, _ = _inputs(b=4, ctx_hw=(8, 8))

@@ -1,4 +1,4 @@
-"""LoRA training (kontext/lora.py, through peft): the presets name exactly the layers they say,
+"""LoRA training (kontext/network/lora.py, through peft): the presets name exactly the layers they say,
 adapters start as the identity and alone train, their EMA and checkpoints hold the adapters
 only, and the base is stored in the compute dtype. Runs through the real composition:
 tests/test_lora_runs.py."""
@@ -15,11 +15,12 @@ from omegaconf import OmegaConf
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 from tiny_kontext import random_autoencoder, random_flux
 
-from kontext import flow, packing
+from kontext.diffusion import flow
 from kontext.errors import KontextError
-from kontext.lora import LORA, add_adapters, lora_options, matches, resolve_targets, unwrap
 from kontext.memory_plan import lora_parameters
-from kontext.model import FLUX_PRESETS, build_flux, load_flux, save_flux
+from kontext.network import packing
+from kontext.network.lora import LORA, add_adapters, lora_options, matches, resolve_targets, unwrap
+from kontext.network.model import FLUX_PRESETS, build_flux, load_flux, save_flux
 from kontext.run import CONFIG_DIR
 from kontext.stages.flow import FlowStage
 
@@ -139,7 +140,7 @@ def test_last_block_predicts_target_rows_with_an_adapted_linear1(base_file):
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_with_adapters_changes_no_number(base_file, mode):
-    from kontext.parallel import ParallelConfig, parallelize
+    from kontext.scale.parallel import ParallelConfig, parallelize
 
     a, b = lora_stage(base_file), lora_stage(base_file)
     b.model.load_state_dict(a.model.state_dict())
@@ -163,8 +164,8 @@ def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantiz
     """Per-block torch.compile over peft's layers (inductor on CPU), also over an int8 base and
     with activation checkpointing: every block is compiled, with the same names, loss and adapter
     gradients as eager."""
-    from kontext.lora import quantize_base
-    from kontext.parallel import ParallelConfig, blocks, parallelize
+    from kontext.network.lora import quantize_base
+    from kontext.scale.parallel import ParallelConfig, blocks, parallelize
 
     eager, compiled = lora_stage(base_file), lora_stage(base_file)
     with torch.no_grad():
@@ -370,8 +371,8 @@ def test_quantized_base_keeps_no_dequantised_weight_for_backward(base_file, prec
     pytest.importorskip("torchao")
     import copy
 
-    from kontext import parallel
-    from kontext.lora import FrozenQuantizedLinear
+    from kontext.network.lora import FrozenQuantizedLinear
+    from kontext.scale import parallel
 
     bf16 = precision.startswith("bf16")
     plain, stage = lora_stage(base_file), _quantized_stage(base_file, "int8", precision=precision)

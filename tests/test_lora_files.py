@@ -1,4 +1,4 @@
-"""Adapter files (kontext/lora_files.py) against independent implementations: diffusers'
+"""Adapter files (kontext/formats/lora_files.py) against independent implementations: diffusers'
 `FluxTransformer2DModel` with the diffusers-layout file loaded by diffusers' own LoRA loaders
 gives our output with peft's adapters; the reference (ComfyUI) layout round-trips and its
 merge is `W + (alpha / r) B A` computed here by hand; a diffusers adapter trained on diffusers'
@@ -11,10 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kontext.diffusers_format import bfl_to_diffusers, diffusers_config
 from kontext.errors import KontextError
-from kontext.lora import ADAPTER, adapters, add_adapters, lora_options, unwrap
-from kontext.lora_files import (
+from kontext.formats.diffusers_format import bfl_to_diffusers, diffusers_config
+from kontext.formats.lora_files import (
     Adapter,
     LoraWeights,
     merge,
@@ -23,8 +22,9 @@ from kontext.lora_files import (
     save_diffusers,
     save_reference,
 )
-from kontext.model import build_flux, get_params
-from kontext.packing import prepare, txt_ids
+from kontext.network.lora import ADAPTER, adapters, add_adapters, lora_options, unwrap
+from kontext.network.model import build_flux, get_params
+from kontext.network.packing import prepare, txt_ids
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -109,7 +109,7 @@ def test_diffusers_layout_loads_into_diffusers_and_gives_our_output(adapted, tmp
             "transformer.norm_out.linear.lora_A.weight", "transformer.x_embedder.lora_B.weight"} <= keys
     config = json.loads(meta["lora_adapter_metadata"])  # the scale is folded into B: alpha = r
     assert config["transformer.r"] == config["transformer.lora_alpha"] == RANK
-    assert json.loads(meta["kontext.lora"])["alpha"] == ALPHA
+    assert json.loads(meta["kontext.network.lora"])["alpha"] == ALPHA
 
     x = inputs()
     # 1. the model's own loader (which reads no metadata from a path unless use_safetensors=True)
@@ -142,7 +142,7 @@ def test_reference_layout_round_trips_and_merges_as_by_hand(adapted, tmp_path):
                     for part in ("lora_A.weight", "lora_B.weight", "alpha")}
     assert alpha.ndim == 0 and alpha.item() == ALPHA
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
-    assert json.loads(meta["kontext.lora"])["base"] == "somewhere"
+    assert json.loads(meta["kontext.network.lora"])["base"] == "somewhere"
 
     back = read_adapter(path)
     assert back.layers.keys() == adapter.layers.keys()
@@ -329,7 +329,7 @@ def test_an_adapter_that_does_not_fit_the_model_is_one_line(model_dir, tmp_path,
 
 def test_export_merges_adapters_into_the_model(model_dir, two_adapters, tmp_path):
     from kontext.export import main
-    from kontext.model import load_flux
+    from kontext.network.model import load_flux
 
     (a, a_file), (b, b_file) = two_adapters
     main([f"source={model_dir}", f"out={tmp_path / 'merged'}", f"lora=[{a_file},{b_file}]", "lora_scale=[1,0.25]"])

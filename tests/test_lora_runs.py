@@ -17,9 +17,9 @@ from test_resume import assert_same_run, final_state, step_losses
 from test_resume import overrides as resume_overrides
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext.lora import LORA, resolve_targets
-from kontext.lora_files import read_adapter
-from kontext.model import FLUX_PRESETS, build_flux, load_flux
+from kontext.formats.lora_files import read_adapter
+from kontext.network.lora import LORA, resolve_targets
+from kontext.network.model import FLUX_PRESETS, build_flux, load_flux
 from kontext.run import CONFIG_DIR, run
 
 TINY = FLUX_PRESETS["tiny"]
@@ -217,7 +217,7 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
     preempted halfway and resumed matches an uninterrupted one at every step, bit for bit. The
     interrupted run also samples grids with the EMA adapters swapped into the sharded model
     (steps 6 and 12), which must leave training as it was."""
-    from kontext.checkpoint import consolidate
+    from kontext.formats.checkpoint import consolidate
 
     def args(run_dir: Path, grids: bool = True) -> list[str]:
         grid = ["callbacks.metrics.grid_every_n_steps=6", "callbacks.metrics.grid_steps=2"] if grids else []

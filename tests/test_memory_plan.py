@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kontext import memory_plan, parallel
-from kontext.ema import EMA
+from kontext import memory_plan
 from kontext.memory_plan import PlanConfig, activation_bytes, plan
-from kontext.model import build_flux
+from kontext.network.model import build_flux
+from kontext.scale import parallel
+from kontext.stages.ema import EMA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "parallel"
 
@@ -130,7 +131,7 @@ def test_recipes_mirror_the_parallel_configs():
 def test_lora_base_counted_as_a_real_quantised_model_holds_it(kind):
     """A LoRA run's weights in the plan (frozen base in fp32 or weight-only quantised, adapters
     on every block linear) against the bytes of the tensors of the real model."""
-    from kontext.lora import add_adapters, lora_options, quantize_base
+    from kontext.network.lora import add_adapters, lora_options, quantize_base
 
     if kind:
         pytest.importorskip("torchao")

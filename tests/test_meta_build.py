@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from test_resume import data_root  # noqa: F401  (a fixture)
 from test_train import random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext.model import Flux, get_params, load_flux, save_flux
+from kontext.network.model import Flux, get_params, load_flux, save_flux
 from kontext.run import CONFIG_DIR
 
 # hidden 768, 4 double + 50 single blocks: 532M parameters, 2.13 GB in fp32. What does not shard
@@ -88,7 +88,7 @@ def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big
     assert peaks[4] <= (1 / 4 + 0.10) * peaks[1], peaks
 
     # With lr 0 the weights stay as loaded: the 4-process run's sharded checkpoint is the file.
-    from kontext.checkpoint import consolidate
+    from kontext.formats.checkpoint import consolidate
 
     want = load_flux(big_file).state_dict()
     for prefix in ("state_dict.model.", "state_dict.ema.model."):
@@ -98,7 +98,7 @@ def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big
 
 def test_meta_build_in_one_process_loads_the_file(tmp_path):
     """parallel.meta_build=true without FSDP: built on meta, then the whole file by slices."""
-    from kontext.parallel import ParallelConfig
+    from kontext.scale.parallel import ParallelConfig
     from kontext.stages.flow import FlowStage
 
     path = _random_file(tmp_path / "init.safetensors", 5)
@@ -112,7 +112,7 @@ def test_meta_build_in_one_process_loads_the_file(tmp_path):
 
 def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
     from kontext.errors import KontextError
-    from kontext.parallel import ParallelConfig
+    from kontext.scale.parallel import ParallelConfig
     from kontext.stages.flow import FlowStage
 
     path = _random_file(tmp_path / "init.safetensors", 5, hidden_size=96, axes_dim=[8, 8, 8])
@@ -121,8 +121,8 @@ def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
 
 
 def _rows(kind: str, path: str):
-    from kontext import slices
-    from kontext.checkpoint import consolidate
+    from kontext.formats import slices
+    from kontext.formats.checkpoint import consolidate
 
     if kind == "file":
         return slices.FileRows(path)
@@ -136,9 +136,9 @@ def _slices_worker(rank: int, world: int, port: int, kind: str, path: str, out: 
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
-    from kontext import slices
-    from kontext.ema import EMA
-    from kontext.parallel import cpu_mesh
+    from kontext.formats import slices
+    from kontext.scale.parallel import cpu_mesh
+    from kontext.stages.ema import EMA
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -170,7 +170,7 @@ def test_slices_fill_uneven_and_empty_shards(tmp_path, kind):
     from test_parallel import _free_port
     from torch import nn
 
-    from kontext.weights import save_safetensors
+    from kontext.formats.weights import save_safetensors
 
     torch.manual_seed(2)
     want = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2), nn.Linear(2, 1)).state_dict()
@@ -190,8 +190,9 @@ def test_slices_fill_uneven_and_empty_shards(tmp_path, kind):
 def _init_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from kontext import parallel, slices
-    from kontext.model import init_like_construction
+    from kontext.formats import slices
+    from kontext.network.model import init_like_construction
+    from kontext.scale import parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -236,7 +237,7 @@ def test_training_from_scratch_under_fsdp_built_on_meta_matches_a_whole_build(da
     whole build on each rank (`parallel.meta_build=false`), bit for bit."""
     import csv
 
-    from kontext.checkpoint import consolidate
+    from kontext.formats.checkpoint import consolidate
 
     def run(name: str, *extra: str) -> list[float]:
         args = [*tiny_overrides(data_root, random_ae), f"paths.output_dir={tmp_path / name}", "trainer=fsdp",

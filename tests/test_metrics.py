@@ -1,4 +1,4 @@
-"""Training metrics (kontext/metrics.py): the FLOP formula equals PyTorch's own count of the
+"""Training metrics (kontext/stages/metrics.py): the FLOP formula equals PyTorch's own count of the
 transformer's forward, and a run through the real composition logs throughput, FLOPs, gradient
 norm, learning rate and peak memory consistent with its batches, and saves a sample grid."""
 
@@ -12,10 +12,10 @@ from hydra.utils import instantiate
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
-from kontext import packing
-from kontext.metrics import batch_tokens, flux_flops
-from kontext.model import FLUX_PRESETS, build_flux
+from kontext.network import packing
+from kontext.network.model import FLUX_PRESETS, build_flux
 from kontext.run import run
+from kontext.stages.metrics import batch_tokens, flux_flops
 
 
 @pytest.mark.parametrize(("preset", "n_img", "n_txt", "n_out"),

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kontext.model import FLUX_PRESETS, Flux, FluxParams, build_flux, get_params
-from kontext.packing import prepare, txt_ids
+from kontext.network.model import FLUX_PRESETS, Flux, FluxParams, build_flux, get_params
+from kontext.network.packing import prepare, txt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = Path(__file__).parent / "assets" / "flux_dev_kontext_keys.txt"
@@ -49,7 +49,7 @@ def inputs(b=2, n_txt=5, h=8, w=8, ctx=((4, 6),), txt_dim=384, vec_dim=384, seed
 @pytest.mark.parametrize("name", sorted(FLUX_PRESETS))
 def test_model_yaml_mirrors_preset(name):
     cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml")
-    assert cfg._target_ == "kontext.model.FluxParams"
+    assert cfg._target_ == "kontext.network.model.FluxParams"
     fields = {k for k in cfg if k != "_target_"}
     assert fields == set(FluxParams.__dataclass_fields__)
     params = instantiate(cfg)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kontext.model import PARAMS_METADATA_KEY, build_flux, get_params, load_flux, save_flux
-from kontext.weights import WeightsError, save_safetensors
+from kontext.formats.weights import WeightsError, save_safetensors
+from kontext.network.model import PARAMS_METADATA_KEY, build_flux, get_params, load_flux, save_flux
 
 
 def random_tiny(dtype=torch.float32):

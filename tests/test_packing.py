@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from kontext.model import build_flux
-from kontext.packing import compact_text, make_ids, model_text, pack, prepare, target_slice, txt_ids, unpack
+from kontext.network.model import build_flux
+from kontext.network.packing import (
+    compact_text,
+    make_ids,
+    model_text,
+    pack,
+    prepare,
+    target_slice,
+    txt_ids,
+    unpack,
+)
 
 
 def test_pack_layout_and_round_trip():

@@ -1,4 +1,4 @@
-"""The parallelism recipe (kontext/parallel.py): activation checkpointing changes no number and no
+"""The parallelism recipe (kontext/scale/parallel.py): activation checkpointing changes no number and no
 name; FSDP2 over 2 CPU processes (gloo) trains the same weights as one process on the same
 global batch; a sharded checkpoint saves, loads back into a fresh sharded model, and
 consolidates to the reference layout."""
@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 from tiny_kontext import random_autoencoder
 from tiny_kontext import random_flux as _random_flux
 
-from kontext import flow, packing
-from kontext.ema import EMA
-from kontext.model import Flux
-from kontext.parallel import (
+from kontext.diffusion import flow
+from kontext.network import packing
+from kontext.network.model import Flux
+from kontext.scale.parallel import (
     ParallelConfig,
     blocks,
     cpu_mesh,
@@ -29,6 +29,7 @@ from kontext.parallel import (
     retained_bytes,
     shard_frozen,
 )
+from kontext.stages.ema import EMA
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -239,7 +240,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
         if mode == "none":  # and the embedded text encoder (MiniLM layers), as T5 would be
             from tiny_kontext import TEXT_CONFIG
 
-            from kontext.text import build_text_encoder
+            from kontext.latent.text import build_text_encoder
 
             config = {k: v for k, v in TEXT_CONFIG.items() if k != "_target_"}
             text, sharded_text = build_text_encoder(**config), build_text_encoder(**config)
@@ -276,7 +277,7 @@ def test_fsdp_two_processes_match_one_process(mode, tmp_path):
     assert report["frozen_encoder_sharded"] and report["frozen_encoder_diff"] <= 1e-6, report
 
     # The sharded checkpoint, consolidated without any process group, is the trained model.
-    from kontext.checkpoint import consolidate
+    from kontext.formats.checkpoint import consolidate
 
     sd = consolidate(tmp_path / "dcp", prefix="model.")
     full = torch.load(tmp_path / "full.pt")

@@ -159,7 +159,7 @@ def test_the_photo_example_end_to_end(tmp_path):
     assert len(losses) == 4 and all(np.isfinite(losses))  # steps 0, 10, 15, 25 (log_every_n_steps=5)
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(".lora_" in k for k in weights if k != "ema.num_updates")  # adapters only, no base
-    from kontext.lora_files import read_adapter
+    from kontext.formats.lora_files import read_adapter
 
     adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")
     assert adapter.rank == 16 and max(w.up.abs().max() for w in adapter.layers.values()) > 0

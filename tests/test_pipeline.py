@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from tiny_kontext import random_flux, tiny_pipeline, write_run_dir
 
+from kontext.data.shapes_edit import make_case
 from kontext.errors import KontextError
 from kontext.images import load_image, snap_size
 from kontext.pipeline import KontextPipeline
-from kontext.shapes_edit import make_case
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,10 +219,10 @@ def test_official_files_load_and_export(tmp_path, case):
     from test_text import save_tiny_clip, save_tiny_t5
     from tiny_kontext import random_autoencoder
 
-    from kontext.autoencoder import save_autoencoder
     from kontext.export import export
-    from kontext.model import FLUX_PRESETS
-    from kontext.weights import save_safetensors
+    from kontext.formats.weights import save_safetensors
+    from kontext.latent.autoencoder import save_autoencoder
+    from kontext.network.model import FLUX_PRESETS
 
     params = replace(FLUX_PRESETS["tiny"], context_in_dim=24, vec_in_dim=16)  # tiny T5 / CLIP widths
     model = random_flux(params=params)

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext.checkpoint import complete_checkpoints, consolidate, find_resume_checkpoint, is_complete
+from kontext.formats.checkpoint import complete_checkpoints, consolidate, find_resume_checkpoint, is_complete
 from kontext.run import CONFIG_DIR, run
 
 STEPS = 12      # with 8 batches per epoch: the resumed half crosses an epoch boundary
@@ -224,7 +224,7 @@ def test_fsdp_two_processes_resume_is_exact(data_root, random_ae):  # noqa: F811
 
     # A sharded checkpoint exports to the reference layout in one process.
     from kontext.artifact import export_transformer
-    from kontext.model import load_flux
+    from kontext.network.model import load_flux
 
     exported = load_flux(export_transformer(last, data_root / "fsdp.safetensors")).state_dict()
     ema = consolidate(last, "state_dict.ema.model.")
@@ -235,7 +235,7 @@ def test_checkpoint_exports_reference_weights(straight, tmp_path):
     """`python -m kontext.artifact`: a training checkpoint's EMA (or raw) transformer as a
     reference-format file that load_flux reads strictly."""
     from kontext.artifact import main
-    from kontext.model import load_flux
+    from kontext.network.model import load_flux
 
     ckpt = straight / "checkpoints" / "last.ckpt"
     weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
@@ -249,10 +249,10 @@ def test_checkpoint_exports_reference_weights(straight, tmp_path):
 
 def _train_and_die_at_publish(cfg, nth: int, after: bool) -> None:
     """Train; SIGKILL just before (or just after) the `nth` checkpoint is renamed into place."""
-    import kontext.checkpoint
+    import kontext.formats.checkpoint
 
     torch.set_num_threads(1)
-    publish, calls = kontext.checkpoint.publish, []
+    publish, calls = kontext.formats.checkpoint.publish, []
 
     def publish_then_kill(partial, final):
         calls.append(final)
@@ -262,7 +262,7 @@ def _train_and_die_at_publish(cfg, nth: int, after: bool) -> None:
         if len(calls) == nth:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    kontext.checkpoint.publish = publish_then_kill
+    kontext.formats.checkpoint.publish = publish_then_kill
     run(cfg)
 
 

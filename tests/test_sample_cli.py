@@ -12,10 +12,10 @@ from PIL import Image
 from tiny_kontext import tiny_pipeline
 
 from kontext.cli import text_overrides
+from kontext.data.shapes_edit import make_case
 from kontext.export import export
 from kontext.pipeline import KontextPipeline
 from kontext.sample import run_sample
-from kontext.shapes_edit import make_case
 
 ROOT = Path(__file__).resolve().parent.parent
 

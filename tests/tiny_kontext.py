@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from kontext.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
-from kontext.model import Flux, FluxParams, build_flux
+from kontext.latent.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
+from kontext.network.model import Flux, FluxParams, build_flux
 from kontext.pipeline import KontextPipeline
 
 TINY_AE = AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1],
                             num_res_blocks=1, z_channels=16, scale_factor=1.0, shift_factor=0.0)
-TEXT_CONFIG = {"_target_": "kontext.text.build_text_encoder", "kind": "embedded", "max_length": 32,
+TEXT_CONFIG = {"_target_": "kontext.latent.text.build_text_encoder", "kind": "embedded", "max_length": 32,
                "dtype": "float32", "txt_dim": 384, "vec_dim": 384}
 
 
 @functools.lru_cache(maxsize=1)
 def text_encoder():
-    from kontext.text import build_text_encoder
+    from kontext.latent.text import build_text_encoder
 
     return build_text_encoder(**{k: v for k, v in TEXT_CONFIG.items() if k != "_target_"})
 
@@ -61,8 +61,8 @@ def write_run_dir(run_dir: Path, pipe: KontextPipeline, sampler: dict | None = N
     params = model_params or pipe.model.params
     save_autoencoder(pipe.autoencoder, run_dir / "ae.safetensors")
     config = {
-        "model": {"_target_": "kontext.model.FluxParams", **asdict(params)},
-        "autoencoder": {"_target_": "kontext.autoencoder.load_autoencoder", "path": str(run_dir / "ae.safetensors")},
+        "model": {"_target_": "kontext.network.model.FluxParams", **asdict(params)},
+        "autoencoder": {"_target_": "kontext.latent.autoencoder.load_autoencoder", "path": str(run_dir / "ae.safetensors")},
         "text": TEXT_CONFIG,
         "data": {"bucket_area": 64 * 64},
         "stage": {"_target_": "kontext.stages.flow.FlowStage", "train_guidance": 1.0,

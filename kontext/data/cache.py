@@ -58,7 +58,7 @@ from kontext.data.cache_identity import (  # noqa: F401 - part of this module's 
 )
 from kontext.data.format import Sample
 from kontext.data.writers import ShardWriter
-from kontext.weights import read_safetensors, save_safetensors
+from kontext.formats.weights import read_safetensors, save_safetensors
 
 FORMAT = "kontext.feature_cache"
 VERSION = 1
@@ -88,7 +88,7 @@ class CacheManifest:
 def make_text_encoder(text_encoder, device: torch.device | str = "cpu"):
     """A TextEncoder as given, or built from its config onto `device`."""
     if isinstance(text_encoder, Mapping):
-        from kontext.text import build_text_encoder
+        from kontext.latent.text import build_text_encoder
 
         kwargs = {k: v for k, v in text_encoder.items() if not k.startswith("_")}
         return build_text_encoder(**kwargs).to(device)
@@ -324,7 +324,7 @@ def prepare_cache(path: str | os.PathLike, shards, autoencoder, text, *, batch_s
 
     urls = find_shards(shards)
     if isinstance(autoencoder, str | os.PathLike):
-        from kontext.autoencoder import load_autoencoder
+        from kontext.latent.autoencoder import load_autoencoder
 
         autoencoder = load_autoencoder(autoencoder)
     autoencoder = autoencoder.to(device)
@@ -352,7 +352,7 @@ def cache_main(argv: list[str]) -> CacheManifest:
     from omegaconf import OmegaConf
 
     from kontext.cli import parse_args
-    from kontext.weights import WeightsError
+    from kontext.formats.weights import WeightsError
 
     a = parse_args(argv, {"out": "???", "shards": "???", "autoencoder": None, "text": "embedded",
                           "max_length": None, "t5_path": None, "clip_path": None, "t5_tokenizer_path": None,
@@ -369,7 +369,7 @@ def cache_main(argv: list[str]) -> CacheManifest:
                       ("text_dtype", "dtype")):
         if a[key] is not None:
             text[name] = a[key]
-    from kontext.autoencoder import EMBEDDED_PATH, load_autoencoder
+    from kontext.latent.autoencoder import EMBEDDED_PATH, load_autoencoder
 
     ae_path = a["autoencoder"] or EMBEDDED_PATH
     try:

@@ -74,7 +74,7 @@ def shards_digest(shards: Sequence[str | os.PathLike]) -> str:
 def text_identity(text_encoder) -> str:
     """The identity of a built TextEncoder, or of a text config (computed without loading it)."""
     if isinstance(text_encoder, Mapping):
-        from kontext.text import text_encoder_identity
+        from kontext.latent.text import text_encoder_identity
 
         return text_encoder_identity(**{k: v for k, v in text_encoder.items() if not k.startswith("_")})
     return text_encoder.identity

@@ -35,7 +35,7 @@ SPEC: a directory, a brace pattern (dir/shapes-{000000..000009}.tar), a glob or 
 
 
 def shapes_edit_main(argv: list[str]) -> list[str]:
-    from kontext import shapes_edit
+    from kontext.data import shapes_edit
     from kontext.data.writers import write_shapes_edit
 
     a = parse_args(argv, {"out": "???", "n": 10000, "seed": 0, "split": "train", "size": 64, "mix": None,

@@ -159,7 +159,7 @@ def write_random_base(path: str | os.PathLike, preset: str = "tiny", seed: int =
     LoRA from on a machine without the official weights."""
     import torch
 
-    from kontext.model import build_flux, save_flux
+    from kontext.network.model import build_flux, save_flux
 
     model = build_flux(preset)
     g = torch.Generator().manual_seed(seed)

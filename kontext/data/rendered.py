@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kontext import shapes_edit as se
+from kontext.data import shapes_edit as se
 
 STREAM = "autoencoder"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from kontext import shapes_edit
+from kontext.data import shapes_edit
 from kontext.data.format import Sample, encode_image, to_record
 
 log = logging.getLogger(__name__)

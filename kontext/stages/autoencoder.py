@@ -1,4 +1,4 @@
-"""The autoencoder training stage: wires :mod:`kontext.autoencoder` to :mod:`kontext.autoencoder_loss`.
+"""The autoencoder training stage: wires :mod:`kontext.latent.autoencoder` to :mod:`kontext.latent.autoencoder_loss`.
 
 Loss (options under `loss` and `discriminator`):
      reconstruction (L1 or L2, plus l2_weight * L2; pixels optionally weighted toward the
@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kontext import autoencoder_loss as losses
-from kontext.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
 from kontext.config_check import options, plain
 from kontext.errors import KontextError
+from kontext.latent import autoencoder_loss as losses
+from kontext.latent.autoencoder import AutoEncoder, AutoEncoderParams, save_autoencoder
 
 
 def resolve_palette(palette) -> list[list[int]] | None:
@@ -40,7 +40,7 @@ def resolve_palette(palette) -> list[list[int]] | None:
     if isinstance(palette, str):
         if palette != "shapes_edit":
             raise ValueError(f"unknown palette {palette!r}: use 'shapes_edit' or a list of RGB triples")
-        from kontext import shapes_edit as se
+        from kontext.data import shapes_edit as se
 
         return [list(se.PALETTE[name]) for name in se.PALETTE_NAMES]
     return [[int(c) for c in rgb] for rgb in palette]
@@ -118,7 +118,7 @@ class AutoEncoderStage(L.LightningModule):
         finish: Finish | dict | None = None,
     ):
         super().__init__()
-        # Plain dicts: a checkpoint's hyperparameters must load weights-only (kontext.checkpoint).
+        # Plain dicts: a checkpoint's hyperparameters must load weights-only (kontext.formats.checkpoint).
         optimizer, loss, discriminator, finish = (plain(c) for c in (optimizer, loss, discriminator, finish))
         self.save_hyperparameters()
         self.ae = AutoEncoder(autoencoder)

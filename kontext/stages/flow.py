@@ -2,13 +2,13 @@
 the network, the frozen encoders, the objective and the EMA together and owns no math.
 
 One step: target latents x and context latents y_i -> packed tokens with their ids
-(`kontext.packing`), t from the logit-normal with a mode set by the target token count,
+(`kontext.network.packing`), t from the logit-normal with a mode set by the target token count,
 z_t = (1 - t) x + t eps, v = model([z_t | y], ...) sliced to the target tokens, MSE to eps - x
-(`kontext.flow`). Text-to-image batches carry no context tokens. Batches come either as
+(`kontext.diffusion.flow`). Text-to-image batches carry no context tokens. Batches come either as
 images (encoded here by the frozen autoencoder and text encoder) or as cached features.
 
 With `lora` the base (from `init_from`) is frozen and only peft's adapters train
-(`kontext.lora`): the base is stored in the run's compute dtype, the EMA averages the adapters
+(`kontext.network.lora`): the base is stored in the run's compute dtype, the EMA averages the adapters
 alone, and checkpoints hold the adapters, their average and their optimizer state, not the base.
 """
 
@@ -24,12 +24,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from kontext import flow, packing, parallel, slices
 from kontext.artifact import load_model, source_rows
 from kontext.config_check import options
-from kontext.ema import EMA, mirror
+from kontext.diffusion import flow
 from kontext.errors import KontextError
-from kontext.lora import (
+from kontext.formats import slices
+from kontext.network import packing
+from kontext.network.lora import (
     LoraOptions,
     adapted_layers,
     adapters,
@@ -44,8 +45,10 @@ from kontext.lora import (
     swapped_in,
     unwrap,
 )
-from kontext.model import Flux, FluxParams, init_like_construction
-from kontext.parallel import ParallelConfig
+from kontext.network.model import Flux, FluxParams, init_like_construction
+from kontext.scale import parallel
+from kontext.scale.parallel import ParallelConfig
+from kontext.stages.ema import EMA, mirror
 from kontext.stages.options import AdamWOptions, TimeSampling, Validation
 from kontext.stages.schedule import adamw_with_schedule
 
@@ -89,7 +92,7 @@ class FlowStage(L.LightningModule):
         # materialises its shards in configure_model and fills only them (`initialise_shards`).
         self.meta_built = self.lora_cfg is None and bool(self.parallel_cfg.meta_build)
         # `init_from`: a reference-format file, or a run directory, checkpoint or export of this
-        # codebase (its EMA weights; a LoRA run's merged), read by rows (kontext.slices).
+        # codebase (its EMA weights; a LoRA run's merged), read by rows (kontext.formats.slices).
         what = f"stage.init_from {init_from}"
         if self.lora_cfg is not None:  # the frozen base holds the source's tensors (a file's dtype: bf16 at 12B)
             self.model = load_model(init_from, model, "stage.init_from")
@@ -216,7 +219,7 @@ class FlowStage(L.LightningModule):
 
     def dropout_rng(self, seed: int, device: torch.device):
         """The random state of a forward with adapter dropout: `seed` (one per micro-batch, like
-        the noise), the global generator untouched (`kontext.lora.seeded_rng`); else nothing."""
+        the noise), the global generator untouched (`kontext.network.lora.seeded_rng`); else nothing."""
         dropout = self.lora_cfg is not None and self.lora_cfg.dropout > 0
         return seeded_rng(seed, device) if dropout else contextlib.nullcontext()
 
@@ -350,8 +353,8 @@ class FlowStage(L.LightningModule):
     def merge_adapters(self):
         """After training, on unsharded weights: the EMA adapters merged into the base in place, so
         that `self.model` is a plain `Flux` again (for the finish's benchmark and export). Returns
-        them (a `kontext.lora_files.Adapter`), or None for a run without adapters."""
-        from kontext.lora_files import merge
+        them (a `kontext.formats.lora_files.Adapter`), or None for a run without adapters."""
+        from kontext.formats.lora_files import merge
 
         if self.lora_cfg is None or not adapted_layers(self.model):
             return None

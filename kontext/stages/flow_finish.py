@@ -1,7 +1,7 @@
 """What a flow run leaves behind when training ends: the Shapes-Edit benchmark of the EMA
 weights (JSON, markdown table, picture grid), an exported checkpoint, the loss curve, a
 metrics JSON with the time of each phase, and a summary that says where everything is. A LoRA
-run also writes its EMA adapters (`lora/`, both layouts of `kontext.lora_files`); its benchmark
+run also writes its EMA adapters (`lora/`, both layouts of `kontext.formats.lora_files`); its benchmark
 and export are of the base with them merged."""
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
                     benchmark: dict | None = None, export: bool = True) -> dict:
     from kontext.benchmark import run_benchmark
     from kontext.export import export as export_pipeline
-    from kontext.metrics import machine_info
+    from kontext.stages.metrics import machine_info
 
     written: dict[str, Path] = {}
     adapter = stage.merge_adapters() if hasattr(stage, "merge_adapters") else None
     if adapter is not None:
         from dataclasses import asdict
 
-        from kontext.lora_files import save_adapter_files
+        from kontext.formats.lora_files import save_adapter_files
 
         info = {"targets": list(stage.lora_cfg.targets), "base": str(stage.init_from),
                 "flux_params": asdict(stage.params), "steps": int(stage.trainer.global_step)}

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kontext import distill, flow, packing
 from kontext.config_check import options
+from kontext.diffusion import distill, flow
 from kontext.errors import KontextError
-from kontext.model import FluxParams
+from kontext.network import packing
+from kontext.network.model import FluxParams
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
 from kontext.stages.options import AdamWOptions, Validation

@@ -14,7 +14,7 @@ repeating cycle of ``updates.generator`` G updates then ``updates.discriminator`
   4-step one by default) reaches at t from eps (``student_inputs: simulate``: Euler steps
   without gradients; DMD2's "backward simulation"), so that training sees what sampling feeds
   it. Samplers on a subset of the times (1 or 2 steps) reach their points by other paths.
-- Discriminator (:mod:`kontext.discriminator`): fakes ``x0_hat`` and reals x0 are re-noised to
+- Discriminator (:mod:`kontext.network.discriminator`): fakes ``x0_hat`` and reals x0 are re-noised to
   ``t_hat`` from a logit-normal; the frozen teacher runs on [re-noised target | context] with
   the batch's text, and heads on the target tokens of several blocks, conditioned on t_hat and
   the pooled text vector, give one logit each. Hinge (or non-saturating) losses, optional R1
@@ -42,11 +42,13 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import fully_shard
 
-from kontext import distill, flow, packing, parallel
 from kontext.config_check import options
-from kontext.discriminator import Discriminator, resolve_blocks
+from kontext.diffusion import distill, flow
 from kontext.errors import KontextError
-from kontext.model import FluxParams
+from kontext.network import packing
+from kontext.network.discriminator import Discriminator, resolve_blocks
+from kontext.network.model import FluxParams
+from kontext.scale import parallel
 from kontext.stages import flow as flow_stage
 from kontext.stages.flow import FlowStage
 from kontext.stages.options import (

@@ -40,7 +40,7 @@ class AdamWOptions:
 @dataclass
 class TimeSampling:
     """Logit-normal training times: N(mu, sigma) through a sigmoid; mu `auto` follows the target
-    token count (the resolution-dependent shift, `kontext.flow.mu_for_tokens`)."""
+    token count (the resolution-dependent shift, `kontext.diffusion.flow.mu_for_tokens`)."""
 
     sigma: float = 1.0
     mu: float | str = "auto"

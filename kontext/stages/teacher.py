@@ -25,11 +25,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kontext import packing, parallel, sampling, slices
 from kontext.artifact import load_model, source_rows
-from kontext.discriminator import block_features
+from kontext.diffusion import sampling
 from kontext.errors import KontextError
-from kontext.model import Flux, FluxParams
+from kontext.formats import slices
+from kontext.network import packing
+from kontext.network.discriminator import block_features
+from kontext.network.model import Flux, FluxParams
+from kontext.scale import parallel
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def shard_teacher(model: Flux, mesh, dtype: torch.dtype, read: str = "read whole
 def load_sharded_teacher(params: FluxParams, rows: slices.Rows, mesh, dtype: torch.dtype,
                          device: str | torch.device = "cpu", what: str = "the teacher's weights") -> Flux:
     """A teacher of `params` built on `meta`, sharded (`shard_teacher`), materialised on
-    `device` and filled with this rank's rows of `rows` (:mod:`kontext.slices`)."""
+    `device` and filled with this rank's rows of `rows` (:mod:`kontext.formats.slices`)."""
     with torch.device("meta"):
         model = Flux(params)
     shard_teacher(model, mesh, dtype, read="each rank reads its rows")
@@ -158,7 +161,7 @@ class Teacher:
 
     def fill_student(self, student: Flux, source: str | os.PathLike | Flux | None = None) -> None:
         """`init_student` for a student built on `meta` and materialised (sharded or not): its rows
-        of ``source`` (default: the teacher's source), read by rows (:mod:`kontext.slices`)."""
+        of ``source`` (default: the teacher's source), read by rows (:mod:`kontext.formats.slices`)."""
         params, rows = self.rows() if source is None else source_rows(source, "student source")
         check_student(student.params, self.params)
         check_student(student.params, params)
@@ -229,7 +232,7 @@ def init_student(student: Flux, source: Flux) -> list[str]:
 
 def zero_output_embedder(embedder: nn.Module, each=None) -> None:
     """An `MLPEmbedder` whose output is zero but whose last layer still receives gradient;
-    `each(tensor, init)` as in `Flux.init_weights` (a sharded student: `kontext.slices.init_rows`)."""
+    `each(tensor, init)` as in `Flux.init_weights` (a sharded student: `kontext.formats.slices.init_rows`)."""
     each = each or (lambda tensor, init: init(tensor))
     each(embedder.in_layer.weight, lambda t: nn.init.normal_(t, std=0.02))
     each(embedder.in_layer.bias, nn.init.zeros_)

@@ -16,7 +16,7 @@ Two layouts, both safetensors with the rank and alpha in the metadata:
   `load_lora_adapter(path)` drops the file's metadata unless given `use_safetensors=True`; with
   no alpha, diffusers and ComfyUI take scale 1). diffusers' `lora_adapter_metadata` (a
   `LoraConfig` record, keys `transformer.*`) says so; the trained rank and alpha are in the
-  `kontext.lora` record.
+  `kontext.network.lora` record.
 
 `read_adapter` reads either layout (reference keys with or without a prefix). A diffusers file
 whose q, k and v parts have their own A (another trainer's) is fused back exactly, as one
@@ -35,12 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from kontext.errors import KontextError
-from kontext.weights import read_metadata, read_safetensors, save_safetensors
+from kontext.formats.weights import read_metadata, read_safetensors, save_safetensors
 
 REFERENCE_PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
 PREFIXES = ("model.diffusion_model.", REFERENCE_PREFIX, "")
-METADATA_KEY = "kontext.lora"
+METADATA_KEY = "kontext.network.lora"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 REFERENCE_FILE = "adapter.safetensors"
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
@@ -98,7 +98,7 @@ def save_reference(adapter: Adapter, path: str | os.PathLike, info: dict | None 
 
 def to_diffusers(adapter: Adapter) -> tuple[dict[str, Tensor], dict]:
     """(state dict, LoraConfig record) of the diffusers / PEFT layout, without the prefix."""
-    from kontext.diffusers_format import FINAL_ADALN, diffusers_linears, split_rows
+    from kontext.formats.diffusers_format import FINAL_ADALN, diffusers_linears, split_rows
 
     sd, ranks = {}, {}
     for name, w in adapter.layers.items():
@@ -212,7 +212,7 @@ def _diffusers_alpha(meta: dict) -> tuple[float | None, dict]:
 def _from_diffusers(sd: dict[str, Tensor], meta: dict) -> Adapter:
     import re
 
-    from kontext.diffusers_format import FINAL_ADALN, diffusers_linears, reference_linear, split_rows
+    from kontext.formats.diffusers_format import FINAL_ADALN, diffusers_linears, reference_linear, split_rows
 
     alpha, pattern = _diffusers_alpha(meta)
     parts: dict[str, dict[int, LoraWeights]] = {}

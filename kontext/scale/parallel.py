@@ -48,7 +48,7 @@ class ParallelConfig:
     shard_teacher: bool = True          # shard a distillation teacher like the student (else a whole copy per rank)
     # Build the trained model, its EMA and a distillation teacher on `meta`, shard, then fill each
     # rank's rows (of `init_from`, of the teacher, or of the from-scratch initialisation; see
-    # kontext.slices): no rank holds a whole copy. None: when the trainer shards over several ranks.
+    # kontext.formats.slices): no rank holds a whole copy. None: when the trainer shards over several ranks.
     meta_build: bool | None = None
 
     def __post_init__(self):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from kontext.model import TIME_EMBED_DIM, FluxParams
+from kontext.network.model import TIME_EMBED_DIM, FluxParams
 
 PIXELS_PER_TOKEN = 16  # 8x autoencoder downsampling, then 2x2 latent patches
 # Dense bf16 peak per device (vendor datasheets, SXM/OAM parts).

@@ -30,9 +30,9 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from kontext import packing
-from kontext.layers import timestep_embedding
-from kontext.model import TIME_EMBED_DIM, Flux
+from kontext.network import packing
+from kontext.network.layers import timestep_embedding
+from kontext.network.model import TIME_EMBED_DIM, Flux
 
 GRID = "b (h w) d -> b d h w"
 

@@ -2,7 +2,7 @@
 
 Follows the reference FLUX.1 `model.py` (FLUX.1 Kontext paper §2-3): 19 double-stream and 38
 single-stream blocks at 12B. Kontext adds no parameters: context-image tokens are appended to
-the target tokens in `img` (see `kontext.packing`), and `Flux.forward` returns a prediction for
+the target tokens in `img` (see `kontext.network.packing`), and `Flux.forward` returns a prediction for
 every image token it was given, exactly like the reference; callers keep the target part with
 `packing.target_slice`.
 
@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kontext.layers import (
+from kontext.formats.weights import (
+    WeightsError,
+    load_into,
+    read_metadata,
+    read_safetensors,
+    save_safetensors,
+    strip_prefix,
+)
+from kontext.network.layers import (
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
@@ -32,14 +40,6 @@ from kontext.layers import (
     RMSNorm,
     SingleStreamBlock,
     timestep_embedding,
-)
-from kontext.weights import (
-    WeightsError,
-    load_into,
-    read_metadata,
-    read_safetensors,
-    save_safetensors,
-    strip_prefix,
 )
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.",)
@@ -139,7 +139,7 @@ class Flux(nn.Module):
     def init_weights(self, each: Callable[[Tensor, Callable[[Tensor], object]], None] | None = None) -> None:
         """Initialisation for training from scratch (DiT / adaLN-Zero). `each(tensor, init)` applies
         one in-place initialiser to one tensor (default: `init(tensor)`; a model built on `meta` is
-        left alone unless `each` is given, e.g. `kontext.slices.init_rows` once it is sharded)."""
+        left alone unless `each` is given, e.g. `kontext.formats.slices.init_rows` once it is sharded)."""
         if each is None:
             if any(p.is_meta for p in self.parameters()):
                 return

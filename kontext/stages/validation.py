@@ -1,6 +1,6 @@
 """Validation edits while training: the user's own (reference image(s), instruction) pairs,
 edited every `every_n_steps` with the EMA weights (a LoRA run: its averaged adapters), so that
-progress on the user's own task can be watched (the Shapes-Edit grids of `kontext.metrics`
+progress on the user's own task can be watched (the Shapes-Edit grids of `kontext.stages.metrics`
 only show the embedded benchmark's).
 
 Each time, `<run>/validation/step<N>/<i>.png` holds case i's output at full size and

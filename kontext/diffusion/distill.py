@@ -3,7 +3,7 @@
 Guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; the
 recipe of FLUX.1 [dev], FLUX.1 Kontext paper §3): a student fed the guidance scale ``w``
 regresses onto the teacher's classifier-free-guided velocity ``v_u + w (v_c - v_u)``
-(`kontext.sampling.velocity` with ``cfg_scale=w``), so one evaluation per step replaces two.
+(`kontext.diffusion.sampling.velocity` with ``cfg_scale=w``), so one evaluation per step replaces two.
 
 Latent adversarial diffusion distillation (Sauer et al. 2024, arXiv 2403.12015, the [pro]
 recipe): a few-step student predicts ``x0_hat = x_t - t v`` at a small set of student times;
@@ -11,7 +11,7 @@ fakes (``x0_hat``) and reals are re-noised to ``t_hat`` from a logit-normal bias
 noise, and a discriminator built on the frozen teacher's features tells them apart with a
 hinge (or non-saturating) loss; an optional R1 penalty smooths the discriminator.
 
-Flow convention as in :mod:`kontext.flow`: ``z_t = (1 - t) x + t eps``, t = 1 is noise.
+Flow convention as in :mod:`kontext.diffusion.flow`: ``z_t = (1 - t) x + t eps``, t = 1 is noise.
 Discriminator logits are (B, K): one per sample and per head; losses sum over heads and
 average over the batch, as LADD's ``E[sum_k ...]``.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kontext.flow import interpolate, per_sample, sample_t
+from kontext.diffusion.flow import interpolate, per_sample, sample_t
 
 
 # ------------------------------------------------------------------------------ guidance

@@ -1,6 +1,6 @@
 """Objective and metrics of autoencoder training, as plain functions plus the patch discriminator.
 
-Reconstruction (L1 / L2), the KL term to N(0, I) (in :class:`kontext.autoencoder.DiagonalGaussian`),
+Reconstruction (L1 / L2), the KL term to N(0, I) (in :class:`kontext.latent.autoencoder.DiagonalGaussian`),
 an optional patch discriminator with hinge losses (after pix2pix's PatchGAN, used by the
 LDM-family autoencoders that FLUX's descends from), and, for images drawn from a fixed palette
 (Shapes-Edit), a per-pixel palette classification loss: logits -||x - p_k||^2 / tau, so that

@@ -25,9 +25,9 @@ from kontext.config_check import plain
 from kontext.errors import KontextError, first_line
 
 if TYPE_CHECKING:
-    from kontext.autoencoder import AutoEncoder
-    from kontext.model import Flux
-    from kontext.text import TextEncoder
+    from kontext.latent.autoencoder import AutoEncoder
+    from kontext.latent.text import TextEncoder
+    from kontext.network.model import Flux
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run_autoencoder_section(cfg):
 def build_autoencoder(section, where: Path):
     """The autoencoder a run config describes: a built `AutoEncoder`, or params of the embedded
     architecture (whose trained weights ship with the package)."""
-    from kontext.autoencoder import (
+    from kontext.latent.autoencoder import (
         AE_PRESETS,
         EMBEDDED_PATH,
         AutoEncoder,
@@ -120,7 +120,7 @@ def sampler_defaults_from_run(cfg) -> dict:
 
 # ------------------------------------------------------------------------------ export folders
 def _export_parts(artifact: Artifact, text, device, dtype) -> PipelineParts:
-    from kontext.autoencoder import AutoEncoderParams, load_autoencoder
+    from kontext.latent.autoencoder import AutoEncoderParams, load_autoencoder
 
     cfg, folder = artifact.export_config, artifact.path
     try:
@@ -137,7 +137,7 @@ def _export_parts(artifact: Artifact, text, device, dtype) -> PipelineParts:
 def build_text_from_export(cfg: dict, folder: Path, text=None):
     """The export's text encoder from its stored config; a differing identity is a warning
     (the model was trained on the features of the recorded encoder)."""
-    from kontext.text import build_text_encoder
+    from kontext.latent.text import build_text_encoder
 
     info = cfg.get("text") or {}
     if text is None:
@@ -166,9 +166,9 @@ def official_parts(transformer_path: str | os.PathLike, ae_path: str | os.PathLi
     Sampler defaults follow the reference Kontext sampler (30 steps, guidance 2.5, shifted
     schedule) unless `sampler` says otherwise.
     """
-    from kontext.autoencoder import load_autoencoder
-    from kontext.model import load_flux
-    from kontext.text import build_text_encoder
+    from kontext.latent.autoencoder import load_autoencoder
+    from kontext.latent.text import build_text_encoder
+    from kontext.network.model import load_flux
 
     preset = preset or "flux-dev-kontext"
     model = load_flux(transformer_path, preset, device=device, dtype=dtype)  # any file name: not told apart

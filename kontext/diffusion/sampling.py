@@ -1,10 +1,10 @@
 """The Euler sampler of the flow model, with Kontext context tokens (reference FLUX ``sampling.py``).
 
 ``denoise`` integrates the predicted velocity from t = 1 (noise) to t = 0 (data) over a list
-of times: the shifted grid of :func:`kontext.flow.schedule`, or an explicit list given by the
+of times: the shifted grid of :func:`kontext.diffusion.flow.schedule`, or an explicit list given by the
 caller (few-step distilled students). At every step the context tokens ride along after the
 target tokens, with their own ids, and only the target prediction moves the sample
-(`kontext.packing.predict`); context tokens never change. ``velocity`` is the field it
+(`kontext.network.packing.predict`); context tokens never change. ``velocity`` is the field it
 follows, also the distillation teachers' guided velocity. Two guidance mechanisms, usable
 together:
 
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kontext import packing
-from kontext.flow import cfg_velocity, euler_step
+from kontext.diffusion.flow import cfg_velocity, euler_step
+from kontext.network import packing
 
 LATENT_CHANNELS = 16
 

@@ -13,7 +13,7 @@ writes those rows, and only those, from a :class:`Rows` source:
 So no rank holds a whole copy of a sharded model, and a model of any size is read with one
 tensor in flight at most. `init_rows` runs an initialiser on one whole tensor and keeps the
 rank's rows: a model initialised shard by shard, in the order a single process initialises it,
-gets that process's values (:func:`kontext.model.init_like_construction`).
+gets that process's values (:func:`kontext.network.model.init_like_construction`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kontext.weights import WeightsError, check_state_dict, file_key_prefix
+from kontext.formats.weights import WeightsError, check_state_dict, file_key_prefix
 
 
 class Rows:
@@ -77,10 +77,10 @@ class TensorRows(Rows):
 
 
 class FolderRows(Rows):
-    """The tensors under `prefix` of a sharded checkpoint folder (:class:`kontext.checkpoint.ShardedTensors`)."""
+    """The tensors under `prefix` of a sharded checkpoint folder (:class:`kontext.formats.checkpoint.ShardedTensors`)."""
 
     def __init__(self, path: str | os.PathLike, prefix: str):
-        from kontext.checkpoint import ShardedTensors
+        from kontext.formats.checkpoint import ShardedTensors
 
         self.sharded = ShardedTensors(Path(path), prefix)
         self.shapes = {k: v.shape for k, v in self.sharded.tensors.items()}

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kontext.model import CHECKPOINT_PREFIXES, FluxParams
-from kontext.weights import strip_prefix
+from kontext.formats.weights import strip_prefix
+from kontext.network.model import CHECKPOINT_PREFIXES, FluxParams
 
 # Linear layers renamed one to one (both .weight and .bias).
 _TOP = {

@@ -204,7 +204,7 @@ def _kind(kind: str) -> type[TextEncoder]:
 
 def build_text_encoder(kind: str, txt_dim: int | None = None, vec_dim: int | None = None,
                        **kwargs) -> TextEncoder:
-    """The Hydra entry (`_target_: kontext.text.build_text_encoder`). `txt_dim`/`vec_dim`, when
+    """The Hydra entry (`_target_: kontext.latent.text.build_text_encoder`). `txt_dim`/`vec_dim`, when
     given (the config states them so the model config can interpolate them), must match what
     the loaded encoder produces."""
     encoder = _kind(kind)(**kwargs)

@@ -13,7 +13,7 @@ Reading a checkpoint never runs code from it: pickled records are loaded with
 a restricted unpickler first. A file that is damaged or holds anything else is skipped by
 `resume=auto` with one line naming it. A sharded checkpoint consolidates to a plain state dict
 in one process, without a process group, or tensor by tensor (`ShardedTensors`, for exports
-that never hold the whole model: :mod:`kontext.stream_export`); :mod:`kontext.artifact` reads a
+that never hold the whole model: :mod:`kontext.formats.stream_export`); :mod:`kontext.artifact` reads a
 run's weights (for sampling, a teacher or an export) through `newest_checkpoint` and `consolidate`.
 """
 
@@ -48,10 +48,14 @@ class CheckpointError(KontextError):
 def safe_globals() -> contextlib.AbstractContextManager:
     """What `torch.load(weights_only=True)` may build besides tensors and plain containers: the
     parameter dataclasses a stage keeps among its hyperparameters."""
-    from kontext.autoencoder import AutoEncoderParams
-    from kontext.model import FluxParams
+    from kontext.latent.autoencoder import AutoEncoderParams
+    from kontext.network.model import FluxParams
 
-    return torch.serialization.safe_globals([AutoEncoderParams, FluxParams])
+    allowed: list = [AutoEncoderParams, FluxParams]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):  # (class, name) pairs: torch >= 2.6
+        # the names these had before the package was split into subpackages (older checkpoints)
+        allowed += [(AutoEncoderParams, "kontext.autoencoder.AutoEncoderParams"), (FluxParams, "kontext.model.FluxParams")]
+    return torch.serialization.safe_globals(allowed)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ A rank-r adapter on a linear layer adds `(alpha / r) * B A x` to `W x`, with A (
 B (out, r); B starts at zero, so training starts from the base model exactly. The layers are
 chosen by their reference names (`double_blocks.*.img_attn.qkv`, `img_mlp`, `linear1`, ...);
 the fused qkv and `linear1` projections take one adapter each, as ComfyUI and the reference
-layout have them (diffusers' split names come from `kontext.lora_files`).
+layout have them (diffusers' split names come from `kontext.formats.lora_files`).
 
 `add_adapters` injects peft's LoRA layers into a `Flux` in place and freezes everything else:
 the base keeps its parameters under `<layer>.base_layer.*`, the adapters are
@@ -27,7 +27,7 @@ from torch import nn
 
 from kontext.config_check import KEYS, options
 from kontext.errors import KontextError
-from kontext.lora_files import Adapter, LoraWeights
+from kontext.formats.lora_files import Adapter, LoraWeights
 
 ADAPTER = "default"  # peft's name for the one adapter a training run has
 
@@ -140,7 +140,7 @@ def quantize_base(model: nn.Module, kind: str) -> int:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as err:
         raise KontextError(f"adapter.quantize_base={kind} needs torchao: pip install 'torchao>=0.18'") from err
-    from kontext import parallel
+    from kontext.scale import parallel
 
     if kind not in QUANTIZED:
         raise KontextError(f"adapter.quantize_base={kind!r}: expected one of {', '.join(QUANTIZED)} or null")
@@ -300,7 +300,7 @@ def swapped_in(model: nn.Module, weights: nn.Module):
     """Within the block, the parameters of `model` that `weights` names (e.g. the EMA of its
     adapters, same names) take their values; afterwards the trained values and the training mode
     come back. A sharded model swaps each rank's shards and regathers around the swap."""
-    from kontext.parallel import reshard
+    from kontext.scale.parallel import reshard
 
     live = dict(model.named_parameters())
     pairs = [(live[name], value) for name, value in weights.named_parameters()]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kontext.attention import apply_rope, attention, rope
+from kontext.network.attention import apply_rope, attention, rope
 
 __all__ = [
     "DoubleStreamBlock", "EmbedND", "LastLayer", "MLPEmbedder", "Modulation", "ModulationOut",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kontext.weights import (
+from kontext.formats.weights import (
     WeightsError,
     load_into,
     read_metadata,
@@ -76,7 +76,7 @@ AE_PRESETS: dict[str, AutoEncoderParams] = {
                                   shift_factor=0.008112352922065191),
 }
 
-EMBEDDED_PATH = Path(__file__).resolve().parent / "assets" / "embedded_ae.safetensors"
+EMBEDDED_PATH = Path(__file__).resolve().parents[1] / "assets" / "embedded_ae.safetensors"
 
 
 def swish(x: Tensor) -> Tensor:
@@ -330,5 +330,5 @@ def load_autoencoder(path: str | os.PathLike = EMBEDDED_PATH, params: AutoEncode
 
 def save_autoencoder(ae: AutoEncoder, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the reference-format tensors plus our params (with current scale/shift) as metadata."""
-    meta = {"format": "kontext.autoencoder", "params": asdict(ae.current_params()), **(metadata or {})}
+    meta = {"format": "kontext.latent.autoencoder", "params": asdict(ae.current_params()), **(metadata or {})}
     return save_safetensors(ae.state_dict(), path, meta)

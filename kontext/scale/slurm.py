@@ -3,7 +3,7 @@
 SLURM signals every task of the job some time before its time limit. The handler only sets a
 flag: saving inside a signal handler can hang or leave a corrupt checkpoint. At the next
 optimizer-step boundary the ranks agree that one of them was signalled, save one checkpoint
-together (atomically, see `kontext.checkpoint`) and stop; once the loggers are flushed, rank 0
+together (atomically, see `kontext.formats.checkpoint`) and stop; once the loggers are flushed, rank 0
 runs `scontrol requeue` and the run ends without its end-of-run work (`kontext.run`). The
 requeued job runs the same command: the run directory is
 the same (it depends only on the overrides), `resume=auto` continues from that checkpoint, and
@@ -92,14 +92,14 @@ class RequeueOnSignal(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         install(self.signals)
         if self.saver(trainer) is None:
-            raise ValueError("RequeueOnSignal needs the AtomicCheckpoint callback (kontext.checkpoint)")
+            raise ValueError("RequeueOnSignal needs the AtomicCheckpoint callback (kontext.formats.checkpoint)")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step  # boundaries are the optimizer steps from here on
 
     @staticmethod
     def saver(trainer):
-        from kontext.checkpoint import AtomicCheckpoint
+        from kontext.formats.checkpoint import AtomicCheckpoint
 
         return next((cb for cb in trainer.callbacks if isinstance(cb, AtomicCheckpoint)), None)
 

@@ -1,0 +1,1 @@
+"""The rectified-flow objective, the sampler and the math of distillation, as plain functions."""

@@ -1,0 +1,1 @@
+"""The latent space and the text: the autoencoder, its training objective, the frozen text encoders."""
