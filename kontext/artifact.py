@@ -20,9 +20,10 @@ through it; the command writes the transformer as a reference-format file:
 A sharded checkpoint is exported without gathering it: `sharded_artifact` reads all but its
 weights, and :mod:`kontext.formats.stream_export` writes the file tensor by tensor.
 
-A run's config builds only the project's own classes (`BUILDS`) and holds no interpolation, and
-a checkpoint is read weights-only (:mod:`kontext.formats.checkpoint`): reading someone else's run never
-runs their code. Every problem with the source is a one-line :class:`KontextError`.
+A run's config builds only the project's own classes and holds no interpolation
+(:mod:`kontext.formats.run_config`), and a checkpoint is read weights-only
+(:mod:`kontext.formats.checkpoint`): reading someone else's run never runs their code. Every
+problem with the source is a one-line :class:`KontextError`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from kontext.errors import KontextError, first_line
+from kontext.formats.run_config import build_from_run_config, read_run_config
 from kontext.network.model import Flux, FluxParams
 
 if TYPE_CHECKING:
@@ -51,19 +53,6 @@ EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `s
 RAW_PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the command's --dtype
 EXPORT_FORMAT = "kontext-export"
-# What each section of a run's config may build (`_target_`, at any depth).
-BUILDS = {
-    "model": {"kontext.network.model.FluxParams"},
-    "autoencoder": {"kontext.latent.autoencoder.AutoEncoderParams", "kontext.latent.autoencoder.load_autoencoder"},
-    "text": {"kontext.latent.text.build_text_encoder"},
-}
-# The same, as runs recorded them before the package was split into subpackages.
-FORMER_TARGETS = {"kontext.model.FluxParams": "kontext.network.model.FluxParams",
-                  "kontext.autoencoder.AutoEncoderParams": "kontext.latent.autoencoder.AutoEncoderParams",
-                  "kontext.autoencoder.load_autoencoder": "kontext.latent.autoencoder.load_autoencoder",
-                  "kontext.text.build_text_encoder": "kontext.latent.text.build_text_encoder"}
-
-
 @dataclass
 class Artifact:
     """A trained transformer as read from disk, with what its source records besides."""
@@ -113,7 +102,8 @@ class Artifact:
         model = load_model(str(base), self.params, f"the base of LoRA run {self.path}")
         if kind := OmegaConf.select(self.run_config, "stage.lora.quantize_base", default=None):
             # the weights the adapters trained with, as the run's own export has them
-            from kontext.network.lora import precision_dtype, rounded_as_trained
+            from kontext.network.lora import precision_dtype
+            from kontext.network.quantized import rounded_as_trained
 
             rounded_as_trained(model, kind, precision_dtype(OmegaConf.select(self.run_config, "trainer.precision",
                                                                              default="32-true")))
@@ -257,7 +247,7 @@ def _run_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path
 
 
 def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool, weights: bool = True) -> Artifact:
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     if config is None:  # RUN/checkpoints/x.ckpt, or a checkpoint beside its config
         here = Path(os.path.abspath(path))
@@ -305,67 +295,6 @@ def _read_export(folder: Path, device: str | torch.device) -> Artifact:
 
 
 # --------------------------------------------------------------------------- a run's config
-def read_run_config(path: Path):
-    """A run's `config.yaml` as stored (resolved), refusing interpolations and Python tags."""
-    from omegaconf import OmegaConf
-
-    if not path.is_file():
-        raise KontextError(f"run config not found: {path}")
-    try:
-        cfg = OmegaConf.load(path)
-        text = OmegaConf.to_yaml(cfg)  # raw: nothing is resolved
-    except Exception as err:  # yaml and omegaconf raise many types
-        raise KontextError(f"cannot read run config {path}: {first_line(err)}") from err
-    if "${" in text:  # a run stores its config resolved; an interpolation could call a resolver
-        line = next(line.strip() for line in text.splitlines() if "${" in line)
-        raise KontextError(f"run config {path} holds an interpolation ({line[:80]}); a run's config is stored resolved")
-    return cfg
-
-
-def _targets(node) -> list[str]:
-    if isinstance(node, dict):
-        own = [str(node["_target_"])] if "_target_" in node else []
-        return own + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list):
-        return [t for v in node for t in _targets(v)]
-    return []
-
-
-def _renamed(node):
-    """`node` with the `_target_`s of FORMER_TARGETS under their current names."""
-    if isinstance(node, dict):
-        return {k: FORMER_TARGETS.get(v, v) if k == "_target_" else _renamed(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_renamed(v) for v in node]
-    return node
-
-
-def build_from_run_config(section, what: str, where: Path):
-    """Instantiate the `what` section of the run config `where`, if it builds only `BUILDS[what]`."""
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
-
-    if section is None:
-        raise KontextError(f"{where} has no '{what}' section")
-    if not isinstance(section, DictConfig):
-        raise KontextError(f"the {what} section of {where} is {section!r}, not a mapping")
-    section = OmegaConf.create(_renamed(OmegaConf.to_container(section)))
-    for target in _targets(OmegaConf.to_container(section)):
-        if target not in BUILDS[what]:
-            raise KontextError(f"the {what} section of {where} names {target!r}, which is not built from a run's "
-                               f"config (allowed: {', '.join(sorted(BUILDS[what]))})")
-    try:
-        return instantiate(section, _convert_="all")
-    except KontextError:
-        raise
-    except Exception as err:
-        cause = err.__cause__ if isinstance(err.__cause__, KontextError) else None
-        if cause is not None:
-            raise cause from err
-        raise KontextError(f"cannot build the {what} of {where} "
-                           f"({OmegaConf.to_container(section).get('_target_', '?')}): {first_line(err)}") from err
-
-
 # ----------------------------------------------------------------------------- the command
 def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
                        dtype: torch.dtype | None = None) -> Path:

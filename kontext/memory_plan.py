@@ -103,7 +103,7 @@ def lora_parameters(model: nn.Module, rank: int) -> int:
 
 
 # Bytes per stored value and per output row (scale, zero point) of torchao's weight-only tensors
-# (`adapter.quantize_base`, kontext.network.lora.quantize_base).
+# (`adapter.quantize_base`, kontext.network.quantized.quantize_base).
 QUANTIZED_BYTES = {"int8": (1, 4 + 1), "fp8": (1, 4)}
 
 

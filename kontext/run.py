@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kontext.config_check import check_config
 from kontext.errors import KontextError
-from kontext.formats.checkpoint import find_resume_checkpoint, weights_only_loads
+from kontext.formats.checkpoint import find_resume_checkpoint
+from kontext.formats.safe_load import weights_only_loads
 from kontext.network.attention import set_attention_backend
 from kontext.scale import slurm
 from kontext.stages.metrics import Throughput

@@ -83,7 +83,7 @@ def test_fsdp_run_reads_like_its_single_file_consolidation(tmp_path, random_ae):
     from test_train import compose_train, tiny_overrides
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from kontext.formats.checkpoint import load_file
+    from kontext.formats.safe_load import load_file
     from kontext.run import CONFIG_DIR
     from kontext.sample import run_sample
 
@@ -174,8 +174,8 @@ def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path
     import io
     import zipfile
 
-    from kontext.artifact import FORMER_TARGETS
-    from kontext.formats.checkpoint import load_file
+    from kontext.formats.run_config import FORMER_TARGETS
+    from kontext.formats.safe_load import load_file
     from kontext.latent.autoencoder import AE_PRESETS
     from kontext.pipeline import KontextPipeline
 

@@ -160,7 +160,7 @@ def test_a_list_of_shards_keeps_checkpoints_loadable(tmp_path):
     into every checkpoint, which must stay readable weights-only."""
     from hydra.utils import instantiate
 
-    from kontext.formats.checkpoint import load_file
+    from kontext.formats.safe_load import load_file
 
     module = instantiate(OmegaConf.create({"_target_": "kontext.data.loader.KontextDataModule",
                                            "shards": [str(tmp_path / "a"), str(tmp_path / "b")],

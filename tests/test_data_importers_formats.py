@@ -13,7 +13,8 @@ from test_data_importers import _img, _read_all
 
 from kontext.data.commands import import_main
 from kontext.data.format import decode_image
-from kontext.data.importers import import_jsonl, parse_fields
+from kontext.data.importers import import_jsonl
+from kontext.data.records import parse_fields
 from kontext.data.tables import import_csv, import_table
 from kontext.data.writers import ShardWriter
 from kontext.errors import KontextError

@@ -164,7 +164,7 @@ def test_compiled_blocks_with_adapters_keep_names_and_numbers(base_file, quantiz
     """Per-block torch.compile over peft's layers (inductor on CPU), also over an int8 base and
     with activation checkpointing: every block is compiled, with the same names, loss and adapter
     gradients as eager."""
-    from kontext.network.lora import quantize_base
+    from kontext.network.quantized import quantize_base
     from kontext.scale.parallel import ParallelConfig, blocks, parallelize
 
     eager, compiled = lora_stage(base_file), lora_stage(base_file)
@@ -371,7 +371,7 @@ def test_quantized_base_keeps_no_dequantised_weight_for_backward(base_file, prec
     pytest.importorskip("torchao")
     import copy
 
-    from kontext.network.lora import FrozenQuantizedLinear
+    from kontext.network.quantized import FrozenQuantizedLinear
     from kontext.scale import parallel
 
     bf16 = precision.startswith("bf16")

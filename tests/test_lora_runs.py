@@ -217,7 +217,7 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
     preempted halfway and resumed matches an uninterrupted one at every step, bit for bit. The
     interrupted run also samples grids with the EMA adapters swapped into the sharded model
     (steps 6 and 12), which must leave training as it was."""
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     def args(run_dir: Path, grids: bool = True) -> list[str]:
         grid = ["callbacks.metrics.grid_every_n_steps=6", "callbacks.metrics.grid_steps=2"] if grids else []

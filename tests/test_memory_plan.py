@@ -131,7 +131,8 @@ def test_recipes_mirror_the_parallel_configs():
 def test_lora_base_counted_as_a_real_quantised_model_holds_it(kind):
     """A LoRA run's weights in the plan (frozen base in fp32 or weight-only quantised, adapters
     on every block linear) against the bytes of the tensors of the real model."""
-    from kontext.network.lora import add_adapters, lora_options, quantize_base
+    from kontext.network.lora import add_adapters, lora_options
+    from kontext.network.quantized import quantize_base
 
     if kind:
         pytest.importorskip("torchao")

@@ -88,7 +88,7 @@ def test_fine_tuning_under_fsdp_holds_a_shard_per_rank(data_root, random_ae, big
     assert peaks[4] <= (1 / 4 + 0.10) * peaks[1], peaks
 
     # With lr 0 the weights stay as loaded: the 4-process run's sharded checkpoint is the file.
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     want = load_flux(big_file).state_dict()
     for prefix in ("state_dict.model.", "state_dict.ema.model."):
@@ -122,7 +122,7 @@ def test_meta_build_refuses_a_file_of_another_shape_before_building(tmp_path):
 
 def _rows(kind: str, path: str):
     from kontext.formats import slices
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     if kind == "file":
         return slices.FileRows(path)
@@ -237,7 +237,7 @@ def test_training_from_scratch_under_fsdp_built_on_meta_matches_a_whole_build(da
     whole build on each rank (`parallel.meta_build=false`), bit for bit."""
     import csv
 
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     def run(name: str, *extra: str) -> list[float]:
         args = [*tiny_overrides(data_root, random_ae), f"paths.output_dir={tmp_path / name}", "trainer=fsdp",

@@ -277,7 +277,7 @@ def test_fsdp_two_processes_match_one_process(mode, tmp_path):
     assert report["frozen_encoder_sharded"] and report["frozen_encoder_diff"] <= 1e-6, report
 
     # The sharded checkpoint, consolidated without any process group, is the trained model.
-    from kontext.formats.checkpoint import consolidate
+    from kontext.formats.consolidate import consolidate
 
     sd = consolidate(tmp_path / "dcp", prefix="model.")
     full = torch.load(tmp_path / "full.pt")

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
-from kontext.formats.checkpoint import complete_checkpoints, consolidate, find_resume_checkpoint, is_complete
+from kontext.formats.checkpoint import complete_checkpoints, find_resume_checkpoint, is_complete
+from kontext.formats.consolidate import consolidate
 from kontext.run import CONFIG_DIR, run
 
 STEPS = 12      # with 8 batches per epoch: the resumed half crosses an epoch boundary

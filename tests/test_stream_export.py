@@ -23,7 +23,9 @@ from tiny_kontext import tiny_pipeline, write_run_dir
 
 from kontext.artifact import EMA_PREFIX, export_transformer, main
 from kontext.export import export
-from kontext.formats.checkpoint import META, ShardedTensors, load_file
+from kontext.formats.checkpoint import META
+from kontext.formats.consolidate import ShardedTensors
+from kontext.formats.safe_load import load_file
 from kontext.network.model import FluxParams, build_flux
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,10 +94,10 @@ def test_the_streamed_reference_file_is_the_gathered_one(runs, tmp_path, monkeyp
 def test_the_streamed_export_folder_is_the_gathered_one(runs, tmp_path, monkeypatch):
     single, sharded = runs
     a = export(single, tmp_path / "gathered", diffusers=True)
-    from kontext.formats import checkpoint
+    from kontext.formats import consolidate as module
 
-    consolidate = checkpoint.consolidate
-    monkeypatch.setattr(checkpoint, "consolidate", lambda path, prefix="state_dict.", read=True:
+    consolidate = module.consolidate
+    monkeypatch.setattr(module, "consolidate", lambda path, prefix="state_dict.", read=True:
                         consolidate(path, prefix, read) if not read else pytest.fail("gathered the model"))
     b = export(sharded, tmp_path / "streamed", diffusers=True)
     for name in ("transformer.safetensors", "transformer/diffusion_pytorch_model.safetensors", "ae.safetensors"):

@@ -82,7 +82,8 @@ def import_main(argv: list[str]):
     import codecs
 
     from kontext.data.format import MAX_PIXELS
-    from kontext.data.importers import import_folder, import_jsonl, parse_fields
+    from kontext.data.importers import import_folder, import_jsonl
+    from kontext.data.records import parse_fields
     from kontext.data.tables import import_csv, import_table, require_pyarrow
     from kontext.data.writers import ShardWriter
 

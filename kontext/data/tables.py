@@ -26,7 +26,8 @@ from pathlib import Path
 
 from kontext.cli import read_text
 from kontext.data.format import MAX_PIXELS
-from kontext.data.importers import BadRecord, Importer, ImportReport, parse_fields, record_sample
+from kontext.data.importers import Importer, ImportReport, record_sample
+from kontext.data.records import BadRecord, parse_fields
 from kontext.data.writers import ShardWriter
 from kontext.errors import KontextError, first_line
 

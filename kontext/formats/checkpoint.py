@@ -1,5 +1,4 @@
-"""Training checkpoints that survive a crash mid-save, the choice of the one to resume from, and
-their consolidation to full weights.
+"""Training checkpoints that survive a crash mid-save, and the choice of the one to resume from.
 
 A checkpoint is a file (one process, or FSDP gathering to rank 0) or a folder of distributed
 checkpoint shards plus `meta.pt` (FSDP, `save_distributed_checkpoint`). Either is written under
@@ -7,23 +6,16 @@ a `.partial` name and renamed into place once every rank has finished, so a cras
 leaves a `.partial` that nothing reads and every earlier checkpoint intact. `resume=auto` takes
 the complete checkpoint with the highest step.
 
-Reading a checkpoint never runs code from it: pickled records are loaded with
-`torch.load(weights_only=True)` and an allow-list of the project's parameter dataclasses
-(`safe_globals`), also on Lightning's resume path; a sharded folder's pickled metadata passes
-a restricted unpickler first. A file that is damaged or holds anything else is skipped by
-`resume=auto` with one line naming it. A sharded checkpoint consolidates to a plain state dict
-in one process, without a process group, or tensor by tensor (`ShardedTensors`, for exports
-that never hold the whole model: :mod:`kontext.formats.stream_export`); :mod:`kontext.artifact` reads a
-run's weights (for sampling, a teacher or an export) through `newest_checkpoint` and `consolidate`.
+Reading a checkpoint never runs code from it (:mod:`kontext.formats.safe_load`). A file that is
+damaged or holds anything else is skipped by `resume=auto` with one line naming it.
+:mod:`kontext.formats.consolidate` reads its full tensors; :mod:`kontext.artifact` reads a run's
+weights (for sampling, a teacher or an export) through `newest_checkpoint` and `consolidate`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pickle
-import re
 import shutil
 import warnings
 import zipfile
@@ -33,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kontext.errors import KontextError
+from kontext.formats.safe_load import MetadataUnpickler, load_file, why
 
 PARTIAL = ".partial"
 REPLACED = ".old"  # a finished checkpoint moved aside while its successor is renamed into place
@@ -43,72 +36,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(KontextError):
     """A checkpoint that is damaged, or holds something other than tensors and plain state."""
-
-
-def safe_globals() -> contextlib.AbstractContextManager:
-    """What `torch.load(weights_only=True)` may build besides tensors and plain containers: the
-    parameter dataclasses a stage keeps among its hyperparameters."""
-    from kontext.latent.autoencoder import AutoEncoderParams
-    from kontext.network.model import FluxParams
-
-    allowed: list = [AutoEncoderParams, FluxParams]
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):  # (class, name) pairs: torch >= 2.6
-        # the names these had before the package was split into subpackages (older checkpoints)
-        allowed += [(AutoEncoderParams, "kontext.autoencoder.AutoEncoderParams"), (FluxParams, "kontext.model.FluxParams")]
-    return torch.serialization.safe_globals(allowed)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every `torch.load` inside (Lightning's resume and torch's distributed checkpoint reader
-    included, which ask for full unpickling in places) is weights-only with `safe_globals`."""
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with safe_globals():
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
-
-
-def load_file(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """A `torch.save` file, restricted to tensors, plain containers and `safe_globals`."""
-    with safe_globals():
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """The unpickler of a sharded folder's `.metadata`: the classes of torch's distributed
-    checkpoint metadata, dtypes, layouts, sizes and paths, and nothing else."""
-
-    METADATA = {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-                "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"}
-    FUNCTIONS = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
-                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-                 *(("torch.distributed.checkpoint.metadata", n) for n in METADATA)}
-
-    def find_class(self, module: str, name: str):
-        # A dotted name would reach whatever the module imports (`os.system` through any module
-        # that imports os): only plain names of the listed classes, dtypes, layouts and sizes.
-        value = getattr(torch, name, None) if module == "torch" and "." not in name else None
-        if "." not in name and ((module, name) in self.FUNCTIONS or name == "Size" and module == "torch"
-                                or isinstance(value, torch.dtype | torch.layout | torch.memory_format)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
-
-
-def _why(err: Exception) -> str:
-    """A checkpoint read error in a few words."""
-    text = str(err)
-    if m := re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", text):
-        return f"it holds code or objects outside the allow-list ({(m[1] or m[2]).rstrip('.,:')}), not loaded"
-    if isinstance(err, pickle.UnpicklingError | EOFError):
-        return "its pickled record is garbled"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(err).__name__
 
 
 class AtomicCheckpoint(ModelCheckpoint):
@@ -253,11 +180,11 @@ def read_state(path: Path) -> dict:
     try:
         if path.is_dir():
             with open(path / ".metadata", "rb") as f:
-                _MetadataUnpickler(f).load()
+                MetadataUnpickler(f).load()
             return load_file(path / META, mmap=True) if (path / META).is_file() else {}
         return load_file(path, mmap=True)
     except Exception as err:  # torch.load and pickle raise many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is unusable: {_why(err)}") from err
+        raise CheckpointError(f"checkpoint {path} is unusable: {why(err)}") from err
 
 
 def checkpoint_step(path: Path) -> int:
@@ -326,60 +253,3 @@ def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
         raise CheckpointError(f"resume checkpoint not found: {path}")
     checkpoint_step(path)
     return str(path)
-
-
-# ----------------------------------------------------------------------------- consolidation
-
-def consolidate(path: str | os.PathLike, prefix: str = "state_dict.", read: bool = True) -> dict[str, torch.Tensor]:
-    """The full tensors of a checkpoint whose key starts with `prefix` (stripped), in one
-    process. Sharded folders are read shard by shard, without a process group; for them the
-    keys are flattened with dots (`state_dict.model.img_in.weight`). With `read=False`, the
-    tensors on the meta device: their shapes and dtypes, from the checkpoint's metadata alone."""
-    path = Path(path)
-    if not (path / ".metadata").is_file():  # a folder of shards without `meta.pt` is complete here
-        check_complete(path)
-    state = read_state(path)
-    if path.is_file():
-        flat = _flatten(state)
-        return {k[len(prefix):]: v if read else torch.empty_like(v, device="meta")
-                for k, v in flat.items() if k.startswith(prefix) and torch.is_tensor(v)}
-    shards = ShardedTensors(path, prefix)
-    return shards.load(list(shards.tensors)) if read else dict(shards.tensors)
-
-
-class ShardedTensors:
-    """The tensors under `prefix` (stripped) of a sharded checkpoint folder that `read_state` has
-    checked: `tensors` (on the meta device) from its metadata, read once; `load` reads the full
-    tensors of some keys, in one process and holding only those, so a caller can go through a
-    checkpoint larger than memory one tensor at a time."""
-
-    def __init__(self, path: Path, prefix: str):
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        self.path, self.prefix = Path(path), prefix
-        self.reader = FileSystemReader(str(path))
-        metadata = self.reader.read_metadata()
-        self.reader.read_metadata = lambda *args, **kwargs: metadata  # not unpickled again for every load
-        self.tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
-                        for key, meta in metadata.state_dict_metadata.items()
-                        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-
-    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
-        wanted = {self.prefix + key: torch.empty_like(self.tensors[key], device="cpu") for key in keys}
-        if wanted:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(wanted, storage_reader=self.reader, no_dist=True)
-        return {key[len(self.prefix):]: value for key, value in wanted.items()}
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}

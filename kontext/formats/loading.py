@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kontext.artifact import Artifact, build_from_run_config, read_artifact
+from kontext.artifact import Artifact, read_artifact
 from kontext.config_check import plain
 from kontext.errors import KontextError, first_line
+from kontext.formats.run_config import build_from_run_config
 
 if TYPE_CHECKING:
     from kontext.latent.autoencoder import AutoEncoder

@@ -77,10 +77,10 @@ class TensorRows(Rows):
 
 
 class FolderRows(Rows):
-    """The tensors under `prefix` of a sharded checkpoint folder (:class:`kontext.formats.checkpoint.ShardedTensors`)."""
+    """The tensors under `prefix` of a sharded checkpoint folder (:class:`kontext.formats.consolidate.ShardedTensors`)."""
 
     def __init__(self, path: str | os.PathLike, prefix: str):
-        from kontext.formats.checkpoint import ShardedTensors
+        from kontext.formats.consolidate import ShardedTensors
 
         self.sharded = ShardedTensors(Path(path), prefix)
         self.shapes = {k: v.shape for k, v in self.sharded.tensors.items()}

@@ -3,7 +3,7 @@ checkpoint tensor by tensor, so that exporting never holds the whole model.
 
 The header of the safetensors file (names, dtypes, shapes, byte offsets) is computed first, from
 the checkpoint's `.metadata` alone, which records every tensor's global shape and dtype. Then each
-checkpoint tensor is read by itself (:class:`kontext.formats.checkpoint.ShardedTensors`: its chunks from
+checkpoint tensor is read by itself (:class:`kontext.formats.consolidate.ShardedTensors`: its chunks from
 every rank's shard, in one process, no process group), cast, and written at its offset; for the
 diffusers layout it is split first into the tensors it maps to (a fused qkv into to_q, to_k, to_v:
 :func:`kontext.formats.diffusers_format.diffusers_plan`, the mapping `bfl_to_diffusers` applies to a whole
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kontext.artifact import EMA_PREFIX, RAW_PREFIX, Artifact
-from kontext.formats.checkpoint import ShardedTensors
+from kontext.formats.consolidate import ShardedTensors
 from kontext.formats.diffusers_format import Part, diffusers_plan
 from kontext.formats.weights import save_safetensors_streamed
 

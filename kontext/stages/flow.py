@@ -36,16 +36,15 @@ from kontext.network.lora import (
     adapters,
     add_adapters,
     checkpoint_adapters_only,
-    dequantize_base,
     freeze_base,
     lora_options,
     precision_dtype,
-    quantize_base,
     seeded_rng,
     swapped_in,
     unwrap,
 )
 from kontext.network.model import Flux, FluxParams, init_like_construction
+from kontext.network.quantized import dequantize_base, quantize_base
 from kontext.scale import parallel
 from kontext.scale.parallel import ParallelConfig
 from kontext.stages.ema import EMA, mirror
