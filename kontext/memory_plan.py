@@ -152,7 +152,7 @@ def activation_bytes(model: nn.Module, batch: int, n_img: int, n_out: int, n_txt
         args = dict(
             img=torch.zeros(batch, n_img, p.in_channels, dtype=dtype),
             img_ids=torch.zeros(batch, n_img, 3), txt=torch.zeros(batch, n_txt, p.context_in_dim, dtype=dtype),
-            txt_ids=torch.zeros(batch, n_txt, 3), timesteps=torch.zeros(batch, dtype=dtype),
+            txt_ids=torch.zeros(batch, n_txt, 3), t=torch.zeros(batch, dtype=dtype),
             y=torch.zeros(batch, p.vec_in_dim, dtype=dtype),
             guidance=torch.zeros(batch, dtype=dtype) if p.guidance_embed else None, n_out=n_out)
     patch = mock.patch.object(attention_module, "_sdpa", _fused_sdpa) if fused_attention else contextlib.nullcontext()

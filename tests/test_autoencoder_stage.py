@@ -75,7 +75,7 @@ def test_generator_term_does_not_train_the_discriminator():
     torch.manual_seed(7)
     x = batch["target"]
     x_rec = stage.ae.decoder(stage.ae.posterior(x).sample())
-    losses.hinge_d_loss(stage.disc(x), stage.disc(x_rec.detach())).backward()
+    losses.patch_d_loss(stage.disc(x), stage.disc(x_rec.detach())).backward()
     for k, p in stage.disc.named_parameters():
         torch.testing.assert_close(joint[k], p.grad, msg=k)
 

@@ -62,7 +62,7 @@ def inputs(b=2, n_txt=6, seed=5):
     tok = prepare(torch.randn(b, 16, 8, 8, generator=g), [torch.randn(b, 16, 4, 6, generator=g)])
     img, img_ids = tok.joint()
     return {"img": img, "img_ids": img_ids, "txt": torch.randn(b, n_txt, 384, generator=g),
-            "txt_ids": txt_ids(b, n_txt), "timesteps": torch.rand(b, generator=g),
+            "txt_ids": txt_ids(b, n_txt), "t": torch.rand(b, generator=g),
             "y": torch.randn(b, 384, generator=g), "guidance": torch.full((b,), 2.5)}
 
 
@@ -75,7 +75,7 @@ def theirs_from(base_state, params):
 
 def run_theirs(model, x):
     return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                 timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"],
+                 timestep=x["t"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"],
                  return_dict=False)[0]
 
 

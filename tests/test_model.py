@@ -38,7 +38,7 @@ def inputs(b=2, n_txt=5, h=8, w=8, ctx=((4, 6),), txt_dim=384, vec_dim=384, seed
     img, img_ids = tok.joint()
     return dict(
         img=img, img_ids=img_ids, txt=torch.randn(b, n_txt, txt_dim, generator=g), txt_ids=txt_ids(b, n_txt),
-        timesteps=torch.rand(b, generator=g), y=torch.randn(b, vec_dim, generator=g),
+        t=torch.rand(b, generator=g), y=torch.randn(b, vec_dim, generator=g),
         guidance=1 + 3 * torch.rand(b, generator=g),
     )
 
@@ -159,7 +159,7 @@ def test_build_dtype():
 # --------------------------------------------------------------------------- independent reference
 
 
-def reference_flux(sd, p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+def reference_flux(sd, p: FluxParams, img, img_ids, txt, txt_ids, t, y, guidance=None):
     """FLUX.1 forward written directly from the reference description, as plain functions of
     the state dict (RoPE with complex numbers, attention with an explicit softmax)."""
     H, D = p.num_heads, p.hidden_size // p.num_heads
@@ -207,7 +207,7 @@ def reference_flux(sd, p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, 
     def mlp(x, name):
         return lin(F.gelu(lin(x, f"{name}.0"), approximate="tanh"), f"{name}.2")
 
-    vec = embedder(sinusoid(timesteps), "time_in")
+    vec = embedder(sinusoid(t), "time_in")
     if p.guidance_embed:
         vec = vec + embedder(sinusoid(guidance), "guidance_in")
     vec = vec + embedder(y, "vector_in")

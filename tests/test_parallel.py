@@ -261,7 +261,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
 def _zero_inputs() -> dict:
     b, n, lt = 1, 4, 2
     return {"img": torch.zeros(b, n, 64), "img_ids": torch.zeros(b, n, 3), "txt": torch.zeros(b, lt, 384),
-            "txt_ids": torch.zeros(b, lt, 3), "timesteps": torch.zeros(b), "y": torch.zeros(b, 384),
+            "txt_ids": torch.zeros(b, lt, 3), "t": torch.zeros(b), "y": torch.zeros(b, 384),
             "guidance": torch.ones(b)}
 
 

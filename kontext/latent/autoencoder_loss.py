@@ -98,9 +98,12 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+def patch_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """The patch discriminator's hinge loss, halved as in taming-transformers: its logits are
+    averaged over patches (the LADD heads' hinge, `kontext.diffusion.distill.hinge_d_loss`,
+    sums over heads and is not halved)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def hinge_g_loss(logits_fake: Tensor) -> Tensor:
+def patch_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()

@@ -168,7 +168,7 @@ class Flux(nn.Module):
         img_ids: Tensor,   # (B, L_img, 3)
         txt: Tensor,       # (B, L_txt, context_in_dim)
         txt_ids: Tensor,   # (B, L_txt, 3)
-        timesteps: Tensor,  # (B,) flow time t in [0, 1]
+        t: Tensor,         # (B,) flow time in [0, 1]
         y: Tensor,         # (B, vec_in_dim) pooled text vector
         guidance: Tensor | None = None,  # (B,) guidance scale, for guidance-distilled models
         txt_multiplicity: Tensor | None = None,  # (B, L_txt): identical text rows each row stands for
@@ -184,7 +184,7 @@ class Flux(nn.Module):
 
         img = self.img_in(img)
         # The sinusoids follow the network's dtype, whatever the dtype of the scalars t and guidance.
-        vec = self.time_in(timestep_embedding(timesteps, TIME_EMBED_DIM).to(img.dtype))
+        vec = self.time_in(timestep_embedding(t, TIME_EMBED_DIM).to(img.dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this model is guidance-distilled (guidance_embed=True): pass a guidance value")

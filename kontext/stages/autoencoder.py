@@ -166,9 +166,9 @@ class AutoEncoderStage(L.LightningModule):
             # Generator term: gradients reach the autoencoder only (discriminator frozen while
             # recorded); discriminator term: on a detached reconstruction. One backward serves both.
             self.disc.requires_grad_(False)
-            logs["g"] = losses.hinge_g_loss(self.disc(x_rec))
+            logs["g"] = losses.patch_g_loss(self.disc(x_rec))
             self.disc.requires_grad_(True)
-            logs["d"] = losses.hinge_d_loss(self.disc(x), self.disc(x_rec.detach()))
+            logs["d"] = losses.patch_d_loss(self.disc(x), self.disc(x_rec.detach()))
             loss = loss + d.weight * logs["g"] + logs["d"]
         with torch.no_grad():
             logs["psnr"] = losses.psnr(x_rec, x).mean()

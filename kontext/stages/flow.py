@@ -252,18 +252,18 @@ class FlowStage(L.LightningModule):
         of cached features or of images."""
         if "target_latent" in batch:
             x = batch["target_latent"]
-            ctx = list(batch.get("reference_latents", []))
+            contexts = list(batch.get("reference_latents", []))
         else:
             if self.autoencoder is None:
                 raise ValueError("image batches need an autoencoder; configure one or train on cached features")
             x = self.autoencoder.encode(batch["target"])
-            ctx = [self.autoencoder.encode(r) for r in batch.get("references", [])]
+            contexts = [self.autoencoder.encode(r) for r in batch.get("references", [])]
         if "txt" in batch:
             txt, vec = batch["txt"], batch["vec"]
         else:
             feats = self.text.encode(list(batch["instruction"]))
             txt, vec = feats.txt, feats.vec
-        return x, ctx, txt.to(x.dtype), vec.to(x.dtype)
+        return x, contexts, txt.to(x.dtype), vec.to(x.dtype)
 
     def mu(self, n_img: int) -> float:
         mu = self.time_cfg.mu
@@ -271,8 +271,8 @@ class FlowStage(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x, ctx, txt, vec = self.encode_batch(batch)
-        tokens = packing.prepare(x, ctx)
+        x, contexts, txt, vec = self.encode_batch(batch)
+        tokens = packing.prepare(x, contexts)
         b, n_img = tokens.img.shape[0], tokens.n_img
         gen = self.noise_generator(batch_idx, x.device)
         noise = torch.randn(tokens.img.shape, generator=gen, device=x.device, dtype=tokens.img.dtype)

@@ -142,12 +142,12 @@ class GuidanceDistillStage(FlowStage):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         return [*groups, {"params": embedder, "lr": self.guidance_lr, "weight_decay": 0.0}]
 
-    def distill_loss(self, x: Tensor, ctx: list[Tensor], txt: Tensor, vec: Tensor, w: Tensor | None = None,
+    def distill_loss(self, x: Tensor, contexts: list[Tensor], txt: Tensor, vec: Tensor, w: Tensor | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """MSE between the student's velocity at guidance w and the teacher's CFG velocity at w,
         on data latents x noised at logit-normal times; w ~ U[guidance_range] unless given (B,).
         Noise, times and w come from ``generator`` (default: the global generator)."""
-        tokens = packing.prepare(x, ctx)
+        tokens = packing.prepare(x, contexts)
         b, n_img = tokens.img.shape[0], tokens.n_img
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
         t = flow.sample_t(b, self.mu(n_img), self.time_cfg.sigma, generator=generator, device=x.device).to(x.dtype)
@@ -167,8 +167,8 @@ class GuidanceDistillStage(FlowStage):
     def _new_path(self, batch: dict, start: int, generator: torch.Generator) -> _Path:
         """A path for ``batch`` at step ``start`` of the schedule: from noise when ``start`` is 0,
         else from the data latents noised to that step's time."""
-        x, ctx, txt, vec = self.encode_batch(batch)
-        tokens = packing.prepare(x, ctx)
+        x, contexts, txt, vec = self.encode_batch(batch)
+        tokens = packing.prepare(x, contexts)
         noise = torch.randn(tokens.img.shape, generator=generator, device=x.device, dtype=x.dtype)
         times = flow.schedule(self.trajectory_steps, tokens.n_img).tolist()
         w = distill.sample_guidance(x.shape[0], *self.guidance_range, generator=generator, device=x.device).to(x)
@@ -196,8 +196,8 @@ class GuidanceDistillStage(FlowStage):
         if self.points == "teacher":
             loss, b = self.path_loss(batch, generator)
         else:
-            x, ctx, txt, vec = self.encode_batch(batch)
-            loss, b = self.distill_loss(x, ctx, txt, vec, generator=generator), x.shape[0]
+            x, contexts, txt, vec = self.encode_batch(batch)
+            loss, b = self.distill_loss(x, contexts, txt, vec, generator=generator), x.shape[0]
         self.last_batch_size = b
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         if batch_idx % 10 == 0:

@@ -250,9 +250,9 @@ class LADDStage(FlowStage):
         return update % (self.cycle.generator + self.cycle.discriminator) < self.cycle.generator
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x, ctx, txt, vec = self.encode_batch(batch)
+        x, contexts, txt, vec = self.encode_batch(batch)
         self._gen = self.noise_generator(batch_idx, x.device)
-        tokens = packing.prepare(x, ctx)
+        tokens = packing.prepare(x, contexts)
         x0, noise = self.clean_samples(x, tokens, txt, vec)
         generator = self.is_generator_update(self.trainer.global_step)
         losses = self.generator_update(x0, noise, tokens, txt, vec) if generator else \
