@@ -12,8 +12,10 @@
 It returns an :class:`Artifact`: the `FluxParams`, the weights to sample with (a checkpoint's
 EMA), a checkpoint's raw weights when asked for, and the run's config or the export's
 `config.json` for the rest (autoencoder, text encoder, sampler: :mod:`kontext.formats.loading`). The
-pipeline (`sample.py`), the distillation teacher, the export and this module's command read
-through it; the command writes the transformer as a reference-format file:
+pipeline (`sample.py`), a run's starting weights (`stage.init_from`, a LoRA base), the
+distillation teacher and student source, the export and this module's command read through it
+(`load_model` for a whole transformer, `source_rows`/`weight_rows` for a model sharded on `meta`);
+the command writes the transformer as a reference-format file:
 
     python -m kontext.artifact RUN_DIR|CHECKPOINT transformer.safetensors [--raw] [--dtype bf16]
 
@@ -53,6 +55,8 @@ EMA_PREFIX = "ema.model."  # a flow-stage checkpoint's EMA transformer, under `s
 RAW_PREFIX = "model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the command's --dtype
 EXPORT_FORMAT = "kontext-export"
+
+
 @dataclass
 class Artifact:
     """A trained transformer as read from disk, with what its source records besides."""
@@ -97,7 +101,7 @@ class Artifact:
         from kontext.network.lora import adapters_from_state
 
         base = OmegaConf.select(self.run_config, "stage.init_from", default=None)
-        if not base or not Path(str(base)).exists():
+        if not base or not Path(str(base)).expanduser().exists():
             raise KontextError(f"{self.path} is a LoRA run whose base stage.init_from={base} is not there")
         model = load_model(str(base), self.params, f"the base of LoRA run {self.path}")
         if kind := OmegaConf.select(self.run_config, "stage.lora.quantize_base", default=None):
@@ -294,7 +298,6 @@ def _read_export(folder: Path, device: str | torch.device) -> Artifact:
     return Artifact(params, weights, None, folder, export_config=cfg, config_path=folder / "config.json")
 
 
-# --------------------------------------------------------------------------- a run's config
 # ----------------------------------------------------------------------------- the command
 def export_transformer(source: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
                        dtype: torch.dtype | None = None) -> Path:

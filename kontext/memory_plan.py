@@ -25,11 +25,12 @@ Where each number comes from (N ranks, P parameters, T of them trained):
   built on `meta`, sharded on the device and filled with each rank's rows (of an `init_from`
   file, of a teacher's source, or of one process's initialisation drawn one tensor at a time):
   nothing of the model stays on the host (counted: the largest tensor in fp32, a bound on one
-  read or one initialiser's draw). In one process the code builds the whole fp32 model, reads an
-  `init_from` file whole and deep-copies the EMA: a peak of max(4P + file, 8P) bytes, plus a
-  whole fp32 teacher (4P). A LoRA base is the file's tensors themselves (bf16 at 12B), cast
-  only when the run computes in another dtype: the file's bytes, plus pb P then. Times the
-  ranks on the host.
+  read or one initialiser's draw). In one process the code builds the whole fp32 model, fills
+  it from an `init_from` source one tensor at a time and deep-copies the EMA: a peak of 8P bytes
+  (4P + the largest tensor without an EMA), plus a whole fp32 teacher (4P). A LoRA base is the
+  `init_from` file's tensors themselves (bf16 at 12B; a checkpoint's EMA is fp32), cast only
+  when the run computes in another dtype: the file's bytes, plus pb P then. Times the ranks on
+  the host.
 Not counted: the CUDA context and the allocator's reserve (plan 1-3 GB per GPU for them), the
 data loader, and compile's workspaces. `tests/test_memory_plan.py` checks the counts against
 tensors measured on models this machine can run.
@@ -206,7 +207,9 @@ def plan(cfg: PlanConfig) -> Plan:
     elif cfg.lora_rank and cfg.init_from:  # the base holds the file's (bf16) tensors, cast once if need be
         out.host_per_rank = file_bytes + (pb * out.params if pb != 2 else 0)
     else:
-        out.host_per_rank = max(4 * out.params + file_bytes, 8 * out.params if cfg.ema else 4 * out.params)
+        # the fp32 model, filled from an `init_from` source one tensor at a time, and its EMA copy
+        out.host_per_rank = 4 * out.params + max(4 * out.largest_tensor if cfg.init_from else 0,
+                                                 4 * out.params if cfg.ema else 0)
         out.host_per_rank += 4 * out.params if cfg.teacher else 0
     out.host = out.host_per_rank * min(cfg.gpus_per_host, n)
     return out

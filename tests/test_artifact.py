@@ -165,15 +165,22 @@ def test_stage_init_from_takes_any_source(tmp_path):
             FlowStage(params, init_from=str(other), **kwargs)
     with pytest.raises(KontextError, match=r"^stage.init_from not found: .*nowhere \(give a run directory"):
         FlowStage(params, init_from=str(tmp_path / "nowhere"))
+    import dataclasses  # a LoRA base whose source is of other settings than model=... (not only shapes)
+
+    with pytest.raises(KontextError, match=rf"^stage.init_from {run} is another architecture than model=\.\.\. "
+                                           r"\(theta=10000\); give the model its settings$"):
+        FlowStage(dataclasses.replace(params, theta=20000), init_from=str(run), lora={"rank": 2})
 
 
-def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path):
+def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path, monkeypatch):
     """Run configs name `kontext.model.FluxParams` (and the autoencoder's and text encoder's
     builders) as they were before the modules moved into subpackages; checkpoints pickle the
     parameter dataclasses under those names. Both still read."""
     import io
     import zipfile
 
+    from kontext.formats import safe_load
+    from kontext.formats.checkpoint import CheckpointError, read_state
     from kontext.formats.run_config import FORMER_TARGETS
     from kontext.formats.safe_load import load_file
     from kontext.latent.autoencoder import AE_PRESETS
@@ -201,6 +208,12 @@ def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path
                 assert b"kontext.model\n" in data and b"kontext.autoencoder\n" in data
             zout.writestr(item, data)
     (tmp_path / "old.ckpt").write_bytes(old.getvalue())
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):
-        state = load_file(tmp_path / "old.ckpt")
-        assert state == {"model": pipe.model.params, "autoencoder": AE_PRESETS["embedded"]}
+    with monkeypatch.context() as m:  # torch < 2.6 reads no aliased names: one line saying so
+        m.setattr(safe_load, "READS_FORMER_NAMES", False)
+        with pytest.raises(CheckpointError, match=r"written by an older version of this package "
+                                                  r"\(kontext\.(model|autoencoder)\.\w+\); reading it needs torch >= 2\.6$"):
+            read_state(tmp_path / "old.ckpt")
+    if not safe_load.READS_FORMER_NAMES:
+        pytest.skip("torch < 2.6")
+    state = load_file(tmp_path / "old.ckpt")
+    assert state == {"model": pipe.model.params, "autoencoder": AE_PRESETS["embedded"]}

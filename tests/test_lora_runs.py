@@ -18,7 +18,7 @@ from test_resume import overrides as resume_overrides
 from test_train import compose_train, random_ae, tiny_overrides  # noqa: F401  (random_ae is a fixture)
 
 from kontext.formats.lora_files import read_adapter
-from kontext.network.lora import LORA, resolve_targets
+from kontext.network.lora import LORA, resolve_targets, unwrap
 from kontext.network.model import FLUX_PRESETS, build_flux, load_flux
 from kontext.run import CONFIG_DIR, run
 
@@ -80,6 +80,17 @@ def test_lora_run_trains_adapters_and_exports_them(data_root, random_ae, base_fi
     pipe = KontextPipeline.from_run_dir(run_dir)
     merged = pipe.model.state_dict()
     assert all(torch.equal(merged[k], v) for k, v in exported.items())
+    # The run starts another: full training (whole, or built on meta) or a new LoRA on its merge.
+    from kontext.stages.flow import FlowStage
+
+    for kwargs in ({}, {"parallel": {"meta_build": True}}, {"lora": {"rank": 2}}):
+        stage = FlowStage(TINY, init_from=str(run_dir), **kwargs)
+        if kwargs.get("parallel"):
+            stage.model.to_empty(device="cpu")
+            stage.initialise_shards()
+            assert stage._init_rows is None  # the merged rows are not kept
+        start = unwrap(stage.model).state_dict() if "lora" in kwargs else stage.model.state_dict()
+        assert start.keys() == exported.keys() and all(torch.equal(start[k], exported[k]) for k in start), kwargs
     # The validation edit at step 4 sampled the EMA adapters swapped into the training model.
     import numpy as np
     from PIL import Image

@@ -91,10 +91,12 @@ def test_a_bad_case_is_one_line_before_training(tmp_path, random_ae, photos, cap
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: image not found: {photos / 'missing.png'}"]
     assert not (tmp_path / "run" / "checkpoints").exists()
-    for bad, message in (([{"prompt": 3}], "validation case 0: expected"),
+    for bad, message in (([{"prompt": 3}], "validation case 0 must be {image: path"),
                          ([{"image": 3, "prompt": "x"}], "validation case 0: image must be a path"),
-                         ([{"image": None, "prompt": "x", "seed": 1}], "validation case 0: expected"),
-                         ([{"image": None, "prompt": "x", "expected": 1}], "validation case 0: expected must be")):
+                         ([{"image": None, "prompt": "x", "seed": 1}], "validation case 0 must be {image: path"),
+                         ([{"image": None, "prompt": "x", "expected": 1}], "validation case 0: expected must be"),
+                         ([{"image": None, "prompt": "x", "expected": str(photos / "gone.png")}],
+                          f"^validation case 0: its expected answer: image not found: {photos / 'gone.png'}$")):
         with pytest.raises(KontextError, match=message):
             read_cases(bad)
 

@@ -27,7 +27,8 @@ SHOWN_SKIPS = 20  # skips printed one per line; report= saves all of them
 
 PHOTO_USAGE = """usage: python data/photo_edits.py out=DIR [n=60] [seed=0] [base=null]
 Writes n real-photo edits with exact answers (kontext/data/photo_edits.py), made from the colour photographs
-inside scikit-image, as DIR/metadata.csv with DIR/images, and two held-out photos as DIR/heldout/*.png.
+inside scikit-image, as DIR/metadata.csv with DIR/images, and two held-out photos as DIR/heldout/<photo>.png
+with every edit's exact answer as DIR/heldout/<photo>_<task>.png.
 base=FILE.safetensors: also a random `tiny` transformer to start a LoRA from (stage.init_from)."""
 
 INSPECT_USAGE = """usage: python data/inspect_shards.py shards=SPEC [grid=FILE.png] [grid_samples=16] [cell=128] [json=FILE.json]

@@ -97,7 +97,7 @@ class ImportReport:
     shards: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        reasons = Counter(re.split(r": | for | '", skip.reason, maxsplit=1)[0] for skip in self.skipped)
+        reasons = Counter(re.split(r": | for | '", skip.reason, maxsplit=1)[0].strip() for skip in self.skipped)
         lines = [f"wrote {self.written} samples to {len(self.shards)} shards; skipped {len(self.skipped)}"]
         lines += [f"  {n:6d}  {reason}" for reason, n in reasons.most_common()]
         return "\n".join(lines)

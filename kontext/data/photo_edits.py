@@ -8,7 +8,7 @@ instruction and the target that a procedural edit computes from the crop pixel f
     turn it upside down              rows reversed
     make it black and white          luma (299 R + 587 G + 114 B) / 1000, rounded, in all three channels
     make it brighter                 each channel times 3/2, rounded down, clipped at 255
-    add a red border                 the outer 24 px painted (255, 0, 0)
+    add a red border                 the outer sixteenth of the short side painted (255, 0, 0)
     zoom in on the centre            the centre half of each side, every pixel repeated 2 x 2
 
 The set is written as a `metadata.csv` (columns reference, instruction, target, task; image paths
@@ -37,7 +37,7 @@ PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_righ
           "ihc.png", "retina.jpg", "chelsea.png", "rocket.jpg")
 HELDOUT = ("chelsea.png", "rocket.jpg")
 SIZES = ((512, 384), (384, 512), (448, 512), (512, 448), (512, 320))  # (width, height)
-BORDER = 24
+BORDER = 16  # the border is 1/16 of the short side: 24 px at 512 x 384, 12 px at the half size trained at
 RED = (255, 0, 0)
 
 
@@ -60,9 +60,15 @@ def brighter(a: np.ndarray) -> np.ndarray:
     return np.minimum(a.astype(np.int32) * 3 // 2, 255).astype(np.uint8)
 
 
+def border_width(a: np.ndarray) -> int:
+    """The border's width in pixels: the short side over BORDER, so that a pair and its copy at
+    another size (training buckets, held-out photos) ask for the same border."""
+    return max(1, min(a.shape[:2]) // BORDER)
+
+
 def red_border(a: np.ndarray) -> np.ndarray:
-    out = a.copy()
-    out[:BORDER], out[-BORDER:], out[:, :BORDER], out[:, -BORDER:] = RED, RED, RED, RED
+    out, bw = a.copy(), border_width(a)
+    out[:bw], out[-bw:], out[:, :bw], out[:, -bw:] = RED, RED, RED, RED
     return out
 
 

@@ -13,6 +13,11 @@ import re
 
 import torch
 
+# The names the parameter dataclasses had before the package was split into subpackages, which
+# older checkpoints pickle: allowed as (class, name) pairs, which torch reads from version 2.6.
+FORMER_NAMES = ("kontext.autoencoder.AutoEncoderParams", "kontext.model.FluxParams")
+READS_FORMER_NAMES = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
 
 def safe_globals() -> contextlib.AbstractContextManager:
     """What `torch.load(weights_only=True)` may build besides tensors and plain containers: the
@@ -21,9 +26,8 @@ def safe_globals() -> contextlib.AbstractContextManager:
     from kontext.network.model import FluxParams
 
     allowed: list = [AutoEncoderParams, FluxParams]
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6):  # (class, name) pairs: torch >= 2.6
-        # the names these had before the package was split into subpackages (older checkpoints)
-        allowed += [(AutoEncoderParams, "kontext.autoencoder.AutoEncoderParams"), (FluxParams, "kontext.model.FluxParams")]
+    if READS_FORMER_NAMES:
+        allowed += [(AutoEncoderParams, FORMER_NAMES[0]), (FluxParams, FORMER_NAMES[1])]
     return torch.serialization.safe_globals(allowed)
 
 
@@ -73,7 +77,10 @@ def why(err: Exception) -> str:
     """A checkpoint read error in a few words."""
     text = str(err)
     if m := re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", text):
-        return f"it holds code or objects outside the allow-list ({(m[1] or m[2]).rstrip('.,:')}), not loaded"
+        name = (m[1] or m[2]).rstrip(".,:")
+        if name in FORMER_NAMES:
+            return f"it was written by an older version of this package ({name}); reading it needs torch >= 2.6"
+        return f"it holds code or objects outside the allow-list ({name}), not loaded"
     if isinstance(err, pickle.UnpicklingError | EOFError):
         return "its pickled record is garbled"
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -15,6 +15,7 @@ alone, and checkpoints hold the adapters, their average and their optimizer stat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -95,8 +96,11 @@ class FlowStage(L.LightningModule):
         what = f"stage.init_from {init_from}"
         if self.lora_cfg is not None:  # the frozen base holds the source's tensors (a file's dtype: bf16 at 12B)
             self.model = load_model(init_from, model, "stage.init_from")
-            with torch.device("meta"):
-                slices.check(Flux(model), slices.TensorRows(self.model.state_dict()), what)
+            if self.model.params != model:
+                differ = [f"{f.name}={getattr(self.model.params, f.name)!r}" for f in dataclasses.fields(model)
+                          if getattr(self.model.params, f.name) != getattr(model, f.name)]
+                raise KontextError(f"{what} is another architecture than model=... ({', '.join(differ)}); "
+                                   "give the model its settings")
             add_adapters(self.model, self.lora_cfg)
             checkpoint_adapters_only(self)  # the base is `init_from`, rebuilt on every start
         elif self.meta_built:
@@ -187,7 +191,8 @@ class FlowStage(L.LightningModule):
         this rank's rows of `init_from`, else the values `Flux(params)` would have drawn in one
         process (from the generator's state at construction)."""
         if self.init_from:
-            slices.fill(self.model, self._init_rows, f"stage.init_from {self.init_from}")
+            rows, self._init_rows = self._init_rows, None  # (a merged LoRA run's rows are a whole model)
+            slices.fill(self.model, rows, f"stage.init_from {self.init_from}")
             return
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._construction_rng)

@@ -113,7 +113,7 @@ class Teacher:
     def read_params(self, text=None) -> FluxParams:
         """The teacher's architecture, no weight read; ``text`` as for `load`."""
         self.text = text
-        self._params, rows = source_rows(self.source, read=False)
+        self._params, rows = source_rows(self.source, "teacher", read=False)
         if rows is not None:  # kept for `rows` (none for a LoRA run, merged only when needed)
             self._rows = (self._params, rows)
         return self._params

@@ -44,7 +44,7 @@ def read_cases(cases) -> list[Case]:
     for i, case in enumerate(plain(cases) or []):
         if (not isinstance(case, dict) or set(case) - {"image", "prompt", "expected"}
                 or not isinstance(case.get("prompt"), str)):
-            raise KontextError(f"validation case {i}: expected {{image: path, [paths] or null, prompt: text, "
+            raise KontextError(f"validation case {i} must be {{image: path, [paths] or null, prompt: text, "
                                f"expected: path (optional)}}, got {case!r}")
         image, expected = case.get("image"), case.get("expected")
         paths = [] if image is None else [image] if isinstance(image, str) else image
@@ -52,8 +52,11 @@ def read_cases(cases) -> list[Case]:
             raise KontextError(f"validation case {i}: image must be a path, a list of paths or null, got {image!r}")
         if expected is not None and not isinstance(expected, str):
             raise KontextError(f"validation case {i}: expected must be the path of the exact answer, got {expected!r}")
-        out.append(Case([load_image(p) for p in paths], case["prompt"],
-                        None if expected is None else load_image(expected)))
+        try:
+            answer = None if expected is None else load_image(expected)
+        except KontextError as err:
+            raise KontextError(f"validation case {i}: its expected answer: {err}") from err
+        out.append(Case([load_image(p) for p in paths], case["prompt"], answer))
     return out
 
 
@@ -72,7 +75,7 @@ def edit_grid(cases: list[Case], outputs: list[Image.Image], height: int = 192) 
     def fit(img: Image.Image) -> Image.Image:
         return img.convert("RGB").resize((max(1, round(img.width * height / img.height)), height))
 
-    rows = [[*map(fit, case.references), fit(out), *([fit(case.expected)] if case.expected else [])]
+    rows = [[*map(fit, case.references), fit(out), *([fit(case.expected)] if case.expected is not None else [])]
             for case, out in zip(cases, outputs, strict=True)]
     text_w = 2 * height
     width = max(sum(img.width + 4 for img in row) for row in rows) + text_w
@@ -95,6 +98,9 @@ class ValidationEdits(Callback):
 
     def __init__(self, cases: list | None = None, every_n_steps: int = 500, seed: int = 0, steps: int | None = None):
         self.cases = read_cases(cases)
+        # what leaving each case's first reference as it is would score, next to its outputs' errors
+        self.reference_errors = [mean_error(c.references[0], c.expected) if c.references and c.expected is not None
+                                 else None for c in self.cases]
         self.every = every_n_steps
         self.seed = seed
         self.steps = steps
@@ -125,10 +131,8 @@ class ValidationEdits(Callback):
             img.save(folder / f"step{step:07d}" / f"{i}.png")
         path = folder / f"step{step:07d}.png"
         edit_grid(self.cases, outputs).save(path)
-        scored = [(i, case, out) for i, (case, out) in enumerate(zip(self.cases, outputs, strict=True)) if case.expected]
-        errors = {i: {"error": mean_error(out, case.expected),
-                      "reference_error": mean_error(case.references[0], case.expected) if case.references else None}
-                  for i, case, out in scored}
+        errors = {i: {"error": mean_error(out, case.expected), "reference_error": self.reference_errors[i]}
+                  for i, (case, out) in enumerate(zip(self.cases, outputs, strict=True)) if case.expected is not None}
         if errors:
             (folder / f"step{step:07d}" / "errors.json").write_text(json.dumps(errors, indent=1))
         for logger in trainer.loggers:
