@@ -217,3 +217,11 @@ def test_runs_and_checkpoints_written_before_the_subpackages_still_read(tmp_path
         pytest.skip("torch < 2.6")
     state = load_file(tmp_path / "old.ckpt")
     assert state == {"model": pipe.model.params, "autoencoder": AE_PRESETS["embedded"]}
+
+
+def test_a_missing_teacher_is_named_as_one(tmp_path):
+    from kontext.stages.teacher import Teacher
+
+    for read in (lambda t: t.read_params(), lambda t: t.load("cpu")):  # the meta path, and the whole one
+        with pytest.raises(KontextError, match=rf"^teacher not found: {tmp_path}/gone \(give a run directory"):
+            read(Teacher(str(tmp_path / "gone")))
