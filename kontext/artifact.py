@@ -69,6 +69,11 @@ class Artifact:
     export_config: dict | None = None  # an export folder's `config.json`
     config_path: Path | None = None  # the file run_config or export_config came from
 
+    @staticmethod
+    def state_prefix(raw: bool = False) -> str:
+        """The key prefix of a flow-stage checkpoint's EMA (or, `raw`, trained) transformer."""
+        return "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX)
+
     def transformer(self, raw: bool = False, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Flux:
         """The `Flux` with the EMA (or raw) weights, built strictly per `params`; for a LoRA run
@@ -190,7 +195,7 @@ def weight_rows(source: str | os.PathLike, params: FluxParams | str | None = Non
     if artifact.lora is not None:
         return artifact.params, None
     if path.is_dir():
-        return artifact.params, FolderRows(path, "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX))
+        return artifact.params, FolderRows(path, Artifact.state_prefix(raw))
     return artifact.params, TensorRows(artifact.raw if raw else artifact.ema)
 
 
@@ -260,10 +265,10 @@ def _read_checkpoint(path: Path, config: str | os.PathLike | None, raw: bool, we
     config = Path(config)
     cfg = read_run_config(config)
     params = build_from_run_config(cfg.get("model"), "model", config)
-    ema = consolidate(path, "state_dict." + EMA_PREFIX, read=weights)
+    ema = consolidate(path, Artifact.state_prefix(), read=weights)
     if not ema:
         raise KontextError(f"{path} holds no EMA weights (keys {EMA_PREFIX}*); is it a flow-stage checkpoint?")
-    trained = consolidate(path, "state_dict." + RAW_PREFIX, read=weights) if raw else None
+    trained = consolidate(path, Artifact.state_prefix(raw=True), read=weights) if raw else None
     return Artifact(params, ema, trained, path, run_config=cfg, config_path=config)
 
 

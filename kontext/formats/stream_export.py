@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from kontext.artifact import EMA_PREFIX, RAW_PREFIX, Artifact
 from kontext.formats.consolidate import ShardedTensors
 from kontext.formats.diffusers_format import Part, diffusers_plan
 from kontext.formats.weights import save_safetensors_streamed
+
+if TYPE_CHECKING:
+    from kontext.artifact import Artifact
 
 
 def stream_transformer(artifact: Artifact, out: str | os.PathLike, *, raw: bool = False, diffusers: bool = False,
@@ -30,7 +33,7 @@ def stream_transformer(artifact: Artifact, out: str | os.PathLike, *, raw: bool 
     weights (`kontext.artifact.sharded_artifact`), to the safetensors file `out`: in the reference
     layout, or in diffusers' with `diffusers`; cast to `dtype` (default: as stored)."""
     artifact.transformer(raw=raw, device="meta")  # strict: every name and shape as `params` says
-    shards = ShardedTensors(artifact.path, "state_dict." + (RAW_PREFIX if raw else EMA_PREFIX))
+    shards = ShardedTensors(artifact.path, artifact.state_prefix(raw))
     shapes = {key: tuple(t.shape) for key, t in shards.tensors.items()}
     plan = diffusers_plan(shapes, artifact.params) if diffusers else [Part(key, key) for key in shapes]
     layout = {part.name: (part.shape(shapes[part.source]), dtype or shards.tensors[part.source].dtype)
