@@ -204,7 +204,7 @@ FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer
 
 class RecordShards(Callback):
     """Writes, per rank at the start of training, each parameter's kind (DTensor or not), global
-    and local shape, dtype and whether it trains: `<out>/rank<R>.json`."""
+    and local shape, dtype and whether it trains, and which blocks are compiled: `<out>/rank<R>.json`."""
 
     def __init__(self, out: str):
         self.out = Path(out)
@@ -216,6 +216,9 @@ class RecordShards(Callback):
                        "local": list(p.to_local().shape if isinstance(p, DTensor) else p.shape),
                        "trains": p.requires_grad}
                 for name, p in pl_module.model.named_parameters()}
+        from kontext.scale.parallel import blocks
+
+        seen["compiled blocks"] = [getattr(b, "_compiled_call_impl", None) is not None for b in blocks(pl_module.model)]
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
 
@@ -249,6 +252,7 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
     # Each rank holds half of every block's frozen base (dim 0 split in two, in bf16) and half
     # of each adapter tensor in fp32.
     ranks = [json.loads((shards / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert not any(flag for seen in ranks for flag in seen.pop("compiled blocks"))  # eager here
     blocks = [n for n in ranks[0] if n.startswith(("double_blocks.", "single_blocks."))]
     base = [n for n in blocks if not ranks[0][n]["trains"]]
     adapters = [n for n in ranks[0] if ranks[0][n]["trains"]]
@@ -289,12 +293,18 @@ def test_lora_under_fsdp_two_processes_resumes_exactly(data_root, random_ae, bas
 
 @pytest.mark.slow
 def test_lora_under_fsdp_with_bf16_compute_keeps_the_base_in_bf16(data_root, random_ae, base_file):  # noqa: F811
-    """param_dtype bfloat16 (the paper's recipe) with selective checkpointing: the frozen base is
+    """The paper's recipe (`parallel=paper`: param_dtype bfloat16, selective checkpointing,
+    per-block compile) over peft's layers: every block compiled on both ranks; the frozen base is
     stored in bf16 (the export, its merge, comes out in bf16), the adapters and their EMA in fp32."""
-    run_dir = data_root / "fsdp_lora_bf16"
+    run_dir, shards = data_root / "fsdp_lora_bf16", data_root / "fsdp_lora_bf16_shards"
     _train_cli([*tiny_overrides(data_root, random_ae), *lora_overrides(base_file), *FSDP, f"paths.output_dir={run_dir}",
                 "trainer.max_steps=4", "stage.optimizer.warmup_steps=1", "stage.finish.benchmark.n_per_op=0",
-                "parallel.param_dtype=bfloat16", "parallel.activation_checkpointing=selective"], data_root)
+                "parallel=paper", "parallel.compile=true",  # (the embedded experiment turns compile off)
+                "+callbacks.shards._target_=test_lora_runs.RecordShards",
+                f"+callbacks.shards.out={shards}"], data_root)
+    for r in (0, 1):
+        compiled = json.loads((shards / f"rank{r}.json").read_text())["compiled blocks"]
+        assert len(compiled) == 4 and all(compiled), compiled
     adapter = read_adapter(run_dir / "lora" / "adapter.safetensors")
     assert all(w.up.dtype == w.down.dtype == torch.float32 for w in adapter.layers.values())
     base = load_flux(base_file).state_dict()
