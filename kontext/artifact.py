@@ -145,7 +145,7 @@ def existing(source: str | os.PathLike, what: str) -> Path:
     """`source` as a path, or a one-line error naming it as `what` (e.g. "teacher") if it is not there."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise KontextError(f"{what} not found: {source} (give a run directory, a training checkpoint, an export "
+        raise KontextError(f"{what} not found: {path} (give a run directory, a training checkpoint, an export "
                            "folder or a reference-format .safetensors)")
     return path
 
@@ -204,10 +204,7 @@ def locate(source: str | os.PathLike, checkpoint: str | os.PathLike | None = Non
     """What `read_artifact(source, checkpoint=, config=)` reads: ("file", the .safetensors, None),
     ("export", the folder, None) or ("checkpoint", the checkpoint file or folder, its run config
     if known)."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise KontextError(f"trained model not found: {path} (give a run directory, a training checkpoint, "
-                           "an export folder or a reference-format .safetensors)")
+    path = existing(source, "trained model")
     if path.is_file() and path.suffix == ".safetensors":
         return "file", path, None
     if path.is_dir() and (path / "config.json").is_file():

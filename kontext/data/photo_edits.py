@@ -37,7 +37,7 @@ PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_righ
           "ihc.png", "retina.jpg", "chelsea.png", "rocket.jpg")
 HELDOUT = ("chelsea.png", "rocket.jpg")
 SIZES = ((512, 384), (384, 512), (448, 512), (512, 448), (512, 320))  # (width, height)
-BORDER = 16  # the border is 1/16 of the short side: 24 px at 512 x 384, 12 px at the half size trained at
+BORDER_PER_SIDE = 16  # the border is 1/16 of the short side: 24 px at 512 x 384, 12 px at the half size trained at
 RED = (255, 0, 0)
 
 
@@ -61,9 +61,9 @@ def brighter(a: np.ndarray) -> np.ndarray:
 
 
 def border_width(a: np.ndarray) -> int:
-    """The border's width in pixels: the short side over BORDER, so that a pair and its copy at
+    """The border's width in pixels: the short side over BORDER_PER_SIDE, so that a pair and its copy at
     another size (training buckets, held-out photos) ask for the same border."""
-    return max(1, min(a.shape[:2]) // BORDER)
+    return max(1, min(a.shape[:2]) // BORDER_PER_SIDE)
 
 
 def red_border(a: np.ndarray) -> np.ndarray:
