@@ -30,24 +30,6 @@ import statistics
 import time
 
 
-def matmul_peak(dtype, device, n: int = 2048, seconds: float = 1.5) -> float:
-    """Best GFLOP/s of an n x n matmul over repeated timings."""
-    import torch
-
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 def has_native_bf16() -> bool:
     import torch
 
@@ -203,7 +185,7 @@ def main() -> None:
 
     import torch
 
-    from kontext.stages.metrics import cpu_name, flux_flops
+    from kontext.stages.metrics import cpu_name, flux_flops, matmul_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -179,8 +179,9 @@ def test_the_run_summary_command_runs_as_printed(model_dir, images, tmp_path):
     run_dir = tmp_path / "train" / "trainer.max_steps=3024,trainer.max_time=null"
     export_dir = Path(shutil.copytree(model_dir, run_dir / "export"))
     metrics = {"benchmark": None, "timings_s": {}, "training": None,
-               "machine": {"cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}}
+               "machine": {"cpu": "cpu", "cpu_capability": "AVX2", "threads": 1, "fp32_matmul_gflops": 101.4}}
     text = summary_text(run_dir, {"export": export_dir}, metrics)
+    assert "  machine: cpu (AVX2, 1 threads, fp32 matmul peak 101 GFLOP/s)\n" in text
     [command] = [line.strip() for line in text.splitlines() if line.strip().startswith("python sample.py")]
     words = shlex.split(command.replace("path/to/image.png", str(images / "a.png")))
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *words[2:], "steps=2", "progress=false"],

@@ -121,6 +121,10 @@ def test_flow_stage_trains_and_finishes(tmp_path, random_ae):
     assert all(bench[f"{op}/pass_rate"] in (0.0, 1.0) for op in ops)
     assert bench["pass_rate"] == pytest.approx(sum(bench[f"{op}/pass_rate"] for op in ops) / len(ops))
     assert json.loads((run_dir / "benchmark.json").read_text())["overall"]["pass_rate"] == bench["pass_rate"]
+    # What ran it, for comparing two machines' times: instruction set, threads, measured matmul peak.
+    machine = json.loads((run_dir / "metrics.json").read_text())["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["threads"] == torch.get_num_threads() and machine["fp32_matmul_gflops"] > 0
     # resume=auto: the same command finds the finished checkpoint and trains no further step.
     again = run(cfg)
     assert again["steps"] == 4

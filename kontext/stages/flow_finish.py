@@ -65,7 +65,7 @@ def finish_flow_run(stage, run_dir: Path, timings: dict, sampler: dict | None = 
     metrics = {
         "benchmark": report.flat_metrics() if report is not None else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "machine": machine_info(stage.device),
+        "machine": machine_info(stage.device, measure_peak=True),
         # This run's training (a resumed run: since the resume): what makes two machines' times differ.
         "training": getattr(stage, "throughput", None),
         "steps": int(stage.trainer.global_step),
@@ -91,7 +91,8 @@ def summary_text(run_dir: Path, written: dict[str, Path], metrics: dict) -> str:
     lines.append("  times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings_s"].items()))
     machine, training = metrics["machine"], metrics.get("training") or {}
     speed = f", {training['samples_per_s']:.1f} training samples/s" if training.get("samples_per_s") else ""
-    lines.append(f"  machine: {machine['cpu']} ({machine['cpu_capability']}, {machine['threads']} threads){speed}")
+    peak = f", fp32 matmul peak {machine['fp32_matmul_gflops']:.0f} GFLOP/s" if machine.get("fp32_matmul_gflops") else ""
+    lines.append(f"  machine: {machine['cpu']} ({machine['cpu_capability']}, {machine['threads']} threads{peak}){speed}")
     source = written.get("export", run_dir)
     lines += ["", "Edit an image with it:",
               f"  python sample.py {override('checkpoint', source)} image=path/to/image.png"

@@ -77,12 +77,34 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine() or "unknown"
 
 
-def machine_info(device: torch.device | str | None = None) -> dict:
-    """What ran a job, for reports: CPU, the instruction set PyTorch uses on it, threads, GPU."""
+def matmul_peak(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 2048,
+                seconds: float = 1.5) -> float:
+    """The best GFLOP/s of an n x n matmul over repeated timings for `seconds`: what this machine
+    computes at best, now (a shared host's load moves it, and every step time with it)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def machine_info(device: torch.device | str | None = None, measure_peak: bool = False) -> dict:
+    """What ran a job, for reports: CPU, the instruction set PyTorch uses on it, threads, GPU;
+    with `measure_peak` on a CPU also its fp32 matmul peak in GFLOP/s, measured now (1 s)."""
     info = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    elif measure_peak:
+        info["fp32_matmul_gflops"] = round(matmul_peak(seconds=1.0), 1)
     return info
 
 
