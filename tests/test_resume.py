@@ -309,3 +309,19 @@ def test_resume_skips_damaged_and_untrusted_checkpoints(data_root, random_ae, st
     assert b["global_step"] == STEPS
     assert_same_tensors(b["state_dict"], a["state_dict"], "weights")
     assert_same_tensors(b["optimizer_states"], a["optimizer_states"], "optimizer")
+
+
+def test_resuming_with_another_model_shape_is_one_line(straight, data_root, random_ae, tmp_path, capsys):  # noqa: F811
+    """A run directory trained with another model config (e.g. before a preset changed) is
+    refused in one line that says how to start afresh, not with Lightning's size errors."""
+    import shutil
+
+    run_dir = Path(shutil.copytree(straight, tmp_path / "old"))
+    cfg = compose_train([*overrides(data_root, random_ae, run_dir), f"trainer.max_steps={STEPS + 2}",
+                         "model.num_heads=2", "model.axes_dim=[8,12,12]"])
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the checkpoint to resume was trained with another model shape (")
+    assert "query_norm.scale: [16] there, [32] in this config); resume=null or a new paths.output_dir" in err

@@ -235,6 +235,23 @@ def _log_skipped(damaged: list[tuple[Path, CheckpointError]]) -> None:
         log.warning("skipped: %s", err)
 
 
+def check_resumable(module: torch.nn.Module, checkpoint: dict) -> None:
+    """Raise a one-line CheckpointError when a training checkpoint's tensors do not fit `module`
+    (the run's model config changed since it was saved), before Lightning's wall of size errors."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        return
+    own = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if isinstance(v, torch.Tensor) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        key, theirs, ours = wrong[0]
+        raise CheckpointError(
+            f"the checkpoint to resume was trained with another model shape ({len(wrong)} tensors differ, "
+            f"e.g. {key}: {list(theirs)} there, {list(ours)} in this config); resume=null or a new "
+            "paths.output_dir starts afresh")
+
+
 def find_resume_checkpoint(resume, ckpt_dir: Path) -> str | None:
     """`resume`: null/false = start fresh; `auto` = the checkpoint of the run (`newest_checkpoint`;
     none at all: start fresh; only damaged ones: an error, since starting over must be asked

@@ -84,7 +84,7 @@ def _preset(hidden_size, num_heads, depth, depth_single_blocks, axes_dim, guidan
 FLUX_PRESETS: dict[str, FluxParams] = {
     # Unit tests: milliseconds per step. Text dims match the embedded (MiniLM) text encoder.
     "tiny": _preset(64, 4, 2, 2, [4, 6, 6], True, vec_in_dim=384, context_in_dim=384),
-    # The embedded demo (MiniLM text features, 384-d), sized for the 15-minute CPU main job.
+    # The embedded demo (MiniLM text features, 384-d), sized for the CPU main job.
     # 12 heads of 16 dims: 75.8% of the benchmark over training seeds 0-2 against 69.3% with 6
     # heads of 32, at the same step time (README, "What the main job measures today").
     "small": _preset(192, 12, 2, 4, [4, 6, 6], False, vec_in_dim=384, context_in_dim=384),

@@ -30,6 +30,7 @@ from kontext.config_check import options
 from kontext.diffusion import flow
 from kontext.errors import KontextError
 from kontext.formats import slices
+from kontext.formats.checkpoint import check_resumable
 from kontext.network import packing
 from kontext.network.lora import (
     LoraOptions,
@@ -231,6 +232,7 @@ class FlowStage(L.LightningModule):
         checkpoint["loss_history"] = list(self.loss_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resumable(self, checkpoint)  # Lightning loads the weights after this hook
         self.loss_history = [tuple(x) for x in checkpoint.get("loss_history", [])]
 
     def on_fit_end(self) -> None:

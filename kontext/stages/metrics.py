@@ -103,7 +103,7 @@ def machine_info(device: torch.device | str | None = None, measure_peak: bool = 
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    elif measure_peak:
+    elif measure_peak and (device is None or torch.device(device).type == "cpu"):
         info["fp32_matmul_gflops"] = round(matmul_peak(seconds=1.0), 1)
     return info
 
