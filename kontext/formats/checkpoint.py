@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from kontext.errors import KontextError
 from kontext.formats.safe_load import MetadataUnpickler, load_file, why
+from kontext.formats.weights import shape_mismatches
 
 PARTIAL = ".partial"
 REPLACED = ".old"  # a finished checkpoint moved aside while its successor is renamed into place
@@ -241,9 +242,7 @@ def check_resumable(module: torch.nn.Module, checkpoint: dict) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         return
-    own = module.state_dict()
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-             if isinstance(v, torch.Tensor) and k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = shape_mismatches(module.state_dict(), state)
     if wrong:
         key, theirs, ours = wrong[0]
         raise CheckpointError(

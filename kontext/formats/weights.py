@@ -54,16 +54,18 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> d
     return {k[len(prefix):]: v for k, v in sd.items()}
 
 
+def shape_mismatches(expected: Mapping[str, torch.Tensor], sd: Mapping[str, object]) -> list[tuple[str, tuple, tuple]]:
+    """(name, shape in `sd`, shape in `expected`) of each tensor both hold in different shapes, in `sd`'s order."""
+    return [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+
+
 def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str = "weights") -> None:
     """Raise a WeightsError naming every missing, unexpected or mis-shaped tensor."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(
-        f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(sd)
-        if tuple(sd[k].shape) != expected[k]
-    )
+    misshaped = sorted(f"{k}: file {theirs} vs model {ours}" for k, theirs, ours in shape_mismatches(expected, sd))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
