@@ -190,3 +190,19 @@ def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
     result = json.loads(out.strip().splitlines()[-1])
     assert result["edit"]["text_rows"] == [32, 11]  # Shapes-Edit edits fit in 11 of the 32 rows (10 + 1)
     assert result["edit"]["max_abs_diff"] < 1e-4 and result["edit"]["ms_compact"] > 0
+
+
+def test_throughput_benchmark_runs_and_accounts_for_the_step():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--batch", "2", "--steps", "2", "--threads", "1"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    ours = result["results"]["ours"]
+    assert ours["ms_step"] > 0 and 0 < ours["peak_share"] and ours["gflop_per_step"] > 0
+    kinds = result["ours_ms_by_kind"]
+    assert kinds["linear layers (mm, addmm)"] > 0 and kinds["attention (SDPA forward and backward)"] > 0
+    assert "where our step's time goes" in out and "a step at 70% of the peak takes" in out

@@ -1,5 +1,5 @@
-"""Training metrics (kontext/stages/metrics.py): the FLOP formula equals PyTorch's own count of the
-transformer's forward, and a run through the real composition logs throughput, FLOPs, gradient
+"""Training metrics (kontext/stages/metrics.py): the FLOP formula, and its attention part, equal
+PyTorch's own count of the transformer's forward, and a run through the real composition logs throughput, FLOPs, gradient
 norm, learning rate and peak memory consistent with its batches, and saves a sample grid."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kontext.network import packing
 from kontext.network.model import FLUX_PRESETS, build_flux
 from kontext.run import run
-from kontext.stages.metrics import batch_tokens, flux_flops
+from kontext.stages.metrics import attention_flops, batch_tokens, flux_flops
 
 
 @pytest.mark.parametrize(("preset", "n_img", "n_txt", "n_out"),
@@ -34,6 +34,9 @@ def test_flop_formula_matches_pytorch_count(preset, n_img, n_txt, n_out):
             out = model(*args, n_out=n_out)
     assert out.shape[1] == (n_img if n_out is None else n_out)
     assert counter.get_total_flops() == b * flux_flops(params, n_img, n_txt, n_out)
+    # On meta, attention runs as batched matmuls (q k^T, then the weights times v): their count alone.
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert by_op["aten.bmm"] == b * attention_flops(params, n_img, n_txt, n_out)
 
 
 def test_tokens_of_feature_and_image_batches():

@@ -40,8 +40,8 @@ def flux_flops(params: FluxParams, n_img: int, n_txt: int, n_out: int | None = N
     d, r, n = params.hidden_size, params.mlp_ratio, n_img + n_txt
     n_out = n_img if n_out is None else n_out
 
-    def block(n_q: int) -> float:  # every token gives q, k, v; attention, MLP and output run on n_q
-        return 2 * 3 * d * d * n + 2 * (1 + 2 * r) * d * d * n_q + 4 * n_q * n * d
+    def block(n_q: int) -> float:  # every token gives q, k, v; the MLP and output run on n_q
+        return 2 * 3 * d * d * n + 2 * (1 + 2 * r) * d * d * n_q
 
     double = params.depth * (block(n) + 2 * 2 * d * 6 * d)  # + img_mod and txt_mod
     singles = [block(n)] * (params.depth_single_blocks - 1) + [block(n_out)] * min(params.depth_single_blocks, 1)
@@ -51,7 +51,18 @@ def flux_flops(params: FluxParams, n_img: int, n_txt: int, n_out: int | None = N
     if params.guidance_embed:
         embed += 2 * (TIME_EMBED_DIM * d + d * d)
     final = 2 * d * 2 * d + 2 * d * params.out_channels * n_out
-    return float(double + single + embed + final)
+    return float(double + single + embed + final) + attention_flops(params, n_img, n_txt, n_out)
+
+
+def attention_flops(params: FluxParams, n_img: int, n_txt: int, n_out: int | None = None) -> float:
+    """The part of `flux_flops` in the attention products (q k^T and the weighted sum of v):
+    every query of a block against all `n_img + n_txt` keys; the last single block's queries are
+    the first `n_out` image tokens only."""
+    n = n_img + n_txt
+    n_out = n_img if n_out is None else n_out
+    last = min(params.depth_single_blocks, 1)
+    queries = n * (params.depth + params.depth_single_blocks - last) + n_out * last
+    return float(4 * queries * n * params.hidden_size)
 
 
 def batch_tokens(batch: dict, default_txt: int = 0) -> tuple[int, int, int]:
