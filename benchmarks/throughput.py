@@ -1,10 +1,12 @@
 """Training-step throughput on this machine: its matmul peak, the flow model's training step
-(achieved GFLOP/s, share of that peak, samples/s), and the same step of diffusers'
-`FluxTransformer2DModel` built with the same configuration, measured in the same run.
+(achieved GFLOP/s, share of that peak, samples/s), the same step of diffusers'
+`FluxTransformer2DModel` built with the same configuration, measured in the same run, and where
+our step's time goes.
 
     python benchmarks/throughput.py                       # small preset, batch 24, 30 steps
-    python benchmarks/throughput.py --model tiny --steps 10
+    python benchmarks/throughput.py --model tiny --steps 12
     python benchmarks/throughput.py --compile             # also the step with parallel.compile=true
+    python benchmarks/throughput.py --no-breakdown        # without the profile of our step
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/throughput.py
 
 The batches are real Shapes-Edit training cases encoded by the shipped autoencoder and the
@@ -15,12 +17,18 @@ fused AdamW and the EMA update. diffusers' transformer gets the converted weight
 output is checked against ours first), the padded text (it has no compaction) and the same
 loss, clipping, optimizer and EMA; it is also compared with ours at equal text length. The
 steps of all variants are interleaved, so a shared machine's noise hits them alike; times
-are medians after warm-up. `--compile` adds our step with each block compiled as
-`parallel.compile=true` does, and the seconds its warm-up spent compiling.
+are medians after a warm-up that passes over every batch. `--compile` adds our step with each
+block compiled as `parallel.compile=true` does, and the seconds its warm-up spent compiling.
 
 FLOPs follow `kontext.stages.metrics.flux_flops` (linear layers and attention; backward = 2x
-forward), for the work each model does: ours predicts the target tokens only. The peak is the best of repeated square matmuls (fp32; bf16 too when the CPU has
-native bf16 instructions).
+forward), for the work each model does: ours predicts the target tokens only. The peak is the
+best of repeated square matmuls (fp32; bf16 too when the CPU has native bf16 instructions).
+
+The breakdown (CPU only) profiles two more passes of our step over the six batches and sorts
+every operator's own time into kinds of work (`time_by_kind`); what the profiler does not see
+(Python between operators, the profiler itself) is the difference to the wall time of those
+steps. It ends with the time a step would take at 70% of the peak, and what that leaves for
+everything but the linear layers.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import copy
 import json
 import statistics
 import time
+
+MIX = {"edit": 5 / 6, "t2i": 1 / 6}  # the training mix: five edit batches to one text-to-image batch
 
 
 def has_native_bf16() -> bool:
@@ -86,9 +96,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), **({"fused": True} if fused else {}))
         self.times: dict[str, list[float]] = {"edit": [], "t2i": []}
 
-    def step(self, b: dict, gen) -> tuple[float, tuple[int, int | None]]:
-        """One step; returns (seconds, (text rows the model saw, image rows it predicted))."""
+    def step(self, b: dict, gen) -> float:
+        """One step; returns its seconds."""
         import torch
+        from torch.profiler import record_function
 
         from kontext.diffusion import flow
         from kontext.network import packing
@@ -100,57 +111,18 @@ class Trainer:
         noise = torch.randn(tokens.img.shape, generator=gen).to(tokens.img)
         t = flow.sample_t(tokens.img.shape[0], 0.5, 1.0, generator=gen).to(tokens.img)
         z_t = flow.interpolate(tokens.img, noise, t)
-        pred, rows = self.forward(self.model, tokens, z_t, t, b["txt"], b["vec"])  # rows: (n_txt, n_out)
+        pred = self.forward(self.model, tokens, z_t, t, b["txt"], b["vec"])
         loss = flow.flow_loss(pred, flow.velocity_target(tokens.img, noise))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)  # as FlowStage clips
+        with record_function("Optimizer.clip_grad_norm"):  # (labels for the breakdown)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)  # as FlowStage clips
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with torch.no_grad(), record_function("Optimizer.ema"):
             ema, live = list(self.ema.parameters()), list(self.model.parameters())
             torch._foreach_lerp_(ema, live, 0.005)
         sync()
-        return time.perf_counter() - start, rows
-
-
-# Where a step's time goes: the profiler's own time of each operator, by kind.
-KINDS = {
-    "linear layers (mm, addmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::addbmm", "aten::baddbmm"),
-    "attention (SDPA forward and backward)": ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention"),
-    "copies, concatenation, layout": ("aten::copy_", "aten::cat", "aten::_to_copy", "aten::clone", "aten::stack",
-                                      "aten::contiguous", "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty"),
-    "optimizer, clipping, EMA": ("aten::_fused_adam", "aten::_foreach_", "Optimizer."),
-}
-OTHER_ATEN = "element-wise, norms, activations, reductions"
-OVERHEAD = "framework (autograd engine, Python, dispatch)"
-
-
-def time_by_kind(trainer: Trainer, batches: list[dict], gen, rounds: int = 2) -> dict[str, float]:
-    """Milliseconds per step spent in each kind of work, from `rounds` passes over `batches`.
-
-    Each operator's own time goes to the first kind that it or an operator calling it belongs to
-    (from the outside in), so the per-tensor kernels of a foreach optimizer or clipping call on a
-    CPU count as the optimizer's."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(rounds):
-            for b in batches:
-                trainer.step(b, gen)
-
-    def kind_of(event) -> str | None:
-        return next((k for k, prefixes in KINDS.items() if event.name.startswith(prefixes)), None)
-
-    ms = dict.fromkeys([*KINDS, OTHER_ATEN, OVERHEAD], 0.0)
-    for event in prof.events():
-        chain, parent = [event], event.cpu_parent
-        while parent is not None:
-            chain.append(parent)
-            parent = parent.cpu_parent
-        kind = next((k for k in map(kind_of, reversed(chain)) if k is not None), None)
-        kind = kind or (OTHER_ATEN if event.name.startswith("aten::") else OVERHEAD)
-        ms[kind] += event.self_cpu_time_total / 1e3 / (rounds * len(batches))
-    return ms
+        return time.perf_counter() - start
 
 
 def ours(compact: bool):
@@ -159,9 +131,8 @@ def ours(compact: bool):
     from kontext.network import packing
 
     def forward(model, tokens, z_t, t, txt, vec):
-        rows = packing.model_text(txt, compact)[0].shape[1]
         guidance = torch.ones_like(t) if model.params.guidance_embed else None  # a guidance-distilled preset (tiny)
-        return packing.predict(model, tokens, z_t, t, txt, vec, guidance, compact), (rows, tokens.n_img)
+        return packing.predict(model, tokens, z_t, t, txt, vec, guidance, compact)
 
     return forward
 
@@ -176,9 +147,23 @@ def theirs(model, tokens, z_t, t, txt, vec):
                  img_ids=ids[0], txt_ids=packing.txt_ids(1, txt.shape[1], device=txt.device)[0],
                  guidance=torch.ones_like(t) if model.config.guidance_embeds else None,
                  return_dict=False)[0]
-    # It predicts every image token (and runs the text rows through its last block too, which
-    # the count below leaves out: a ~2% undercount of its work).
-    return packing.target_slice(pred, tokens.n_img), (txt.shape[1], None)
+    return packing.target_slice(pred, tokens.n_img)
+
+
+def step_flops(params, b: dict, compact: bool, predicts_all: bool = False) -> tuple[float, float]:
+    """(all, attention) FLOPs of a training step on batch `b` (backward = 2x forward): text
+    compacted or not; `predicts_all`: every image token predicted (diffusers' transformer, which
+    also runs the text rows through its last block: a ~2% undercount of its work)."""
+    from kontext.network import packing
+    from kontext.stages.metrics import attention_flops, flux_flops
+
+    tokens = packing.prepare(b["x"], b["refs"])
+    n_img = tokens.img.shape[1] + tokens.ctx.shape[1]
+    n_txt = packing.model_text(b["txt"], compact)[0].shape[1]
+    n_out = None if predicts_all else tokens.n_img
+    batch = tokens.img.shape[0]
+    return (3 * batch * flux_flops(params, n_img, n_txt, n_out),
+            3 * batch * attention_flops(params, n_img, n_txt, n_out))
 
 
 def build_models(preset: str, device):
@@ -208,7 +193,8 @@ def build_models(preset: str, device):
 
 
 def check_same_function(model, other, b: dict) -> float:
-    """Largest difference between our and diffusers' predictions on one batch (no guidance)."""
+    """Largest difference between our and diffusers' predictions on one batch (guidance 1 for
+    a guidance-distilled preset)."""
     import torch
 
     from kontext.network import packing
@@ -216,9 +202,82 @@ def check_same_function(model, other, b: dict) -> float:
     tokens = packing.prepare(b["x"], b["refs"])
     t = torch.full((tokens.img.shape[0],), 0.5, device=b["x"].device)
     with torch.no_grad():
-        a, _ = ours(compact=True)(model, tokens, tokens.img, t, b["txt"], b["vec"])
-        c, _ = theirs(other, tokens, tokens.img, t, b["txt"], b["vec"])
+        a = ours(compact=True)(model, tokens, tokens.img, t, b["txt"], b["vec"])
+        c = theirs(other, tokens, tokens.img, t, b["txt"], b["vec"])
     return (a - c).abs().max().item()
+
+
+# Where a step's time goes. An operator's own time belongs to the outermost operator around it
+# (itself included) that names a kind here; the optimizer's labels are Trainer.step's.
+LINEAR = "linear layers (linear, mm, addmm)"
+CLAIMING_KINDS = {
+    LINEAR: ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                                          "aten::addbmm", "aten::baddbmm"),
+    "attention (SDPA forward and backward)": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product",
+                                              "aten::_flash_attention", "aten::_efficient_attention"),
+    "copies and concatenation": ("aten::copy_", "aten::cat", "aten::_to_copy", "aten::clone", "aten::stack",
+                                 "aten::contiguous"),
+    "optimizer, clipping, EMA": ("Optimizer.", "aten::_fused_adam", "aten::_foreach_"),
+}
+ELEMENTWISE = "element-wise, norms, activations, reductions"
+VIEWS = "views, reshapes and allocation"
+ENGINE = "autograd engine"
+UNSEEN = "outside any operator (Python, the profiler)"
+VIEW_OPS = {"aten::" + name for name in (
+    "view", "_unsafe_view", "t", "transpose", "permute", "as_strided", "reshape", "_reshape_alias", "expand",
+    "unsqueeze", "squeeze", "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unflatten",
+    "flatten", "detach", "alias", "to", "unbind", "view_as_real", "view_as_complex", "empty", "empty_like",
+    "empty_strided", "zeros", "zeros_like", "resize_", "lift_fresh", "result_type")}
+
+
+def kind_of(chain: list[str]) -> str:
+    """The kind of one operator's own time, from the names of the operators around it (outermost
+    first, itself last)."""
+    for name in chain:
+        kind = next((k for k, prefixes in CLAIMING_KINDS.items() if name.startswith(prefixes)), None)
+        if kind is not None:
+            return kind
+    outermost = next((name for name in chain if name.startswith("aten::")), None)
+    if outermost is None:
+        return ENGINE  # the engine's own nodes (evaluate_function, *Backward0, AccumulateGrad)
+    return VIEWS if outermost in VIEW_OPS else ELEMENTWISE
+
+
+def time_by_kind(trainer: Trainer, batches: list[dict], gen, rounds: int = 2) -> tuple[dict[str, float], float]:
+    """(milliseconds per step of each kind of work, wall milliseconds per step) over `rounds`
+    profiled passes over `batches` (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = sum(trainer.step(b, gen) for _ in range(rounds) for b in batches)
+    steps = rounds * len(batches)
+    ms = dict.fromkeys([*CLAIMING_KINDS, ELEMENTWISE, VIEWS, ENGINE, UNSEEN], 0.0)
+    for event in prof.events():
+        chain, parent = [event.name], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        ms[kind_of(chain[::-1])] += event.self_cpu_time_total / 1e3 / steps
+    wall_ms = wall * 1e3 / steps
+    ms[UNSEEN] = max(wall_ms - sum(ms.values()), 0.0)
+    return ms, wall_ms
+
+
+def print_breakdown(ms: dict[str, float], wall_ms: float, linear_gflop: float, attn_gflop: float, peak: float) -> float:
+    """Print where our step's time goes; returns the milliseconds of a step at 70% of `peak`."""
+    linear = ms[LINEAR]
+    print(f"\nwhere our step's time goes (profiled steps, {wall_ms:.1f} ms each with the profiler's overhead)")
+    for kind, t in ms.items():
+        line = f"  {kind:46s} {t:6.1f} ms {t / wall_ms:5.1%}"
+        if kind == LINEAR:
+            line += f"   {linear_gflop:.2f} GFLOP at {linear_gflop / t * 1e3:.1f} GFLOP/s, {linear_gflop / t * 1e3 / peak:.0%} of the peak"
+        elif kind.startswith("attention"):
+            line += f"   {attn_gflop:.2f} GFLOP"
+        print(line)
+    goal = (linear_gflop + attn_gflop) / (0.7 * peak) * 1e3
+    print(f"a step at 70% of the peak takes {goal:.1f} ms: that leaves {max(goal - linear, 0):.1f} ms for everything "
+          f"but the linear layers ({wall_ms - linear:.1f} ms here)")
+    return goal
 
 
 def main() -> None:
@@ -226,7 +285,7 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps first (at least one per batch: 6)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the profile of where our step's time goes")
@@ -236,7 +295,8 @@ def main() -> None:
 
     import torch
 
-    from kontext.stages.metrics import attention_flops, cpu_name, flux_flops, matmul_peak
+    from kontext.scale.parallel import ParallelConfig, compile_problem, parallelize
+    from kontext.stages.metrics import cpu_name, matmul_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,43 +314,44 @@ def main() -> None:
     batches = make_batches(args.batch, device)
     trainers = [Trainer("ours", model, ours(compact=True)),
                 Trainer("ours, full text", copy.deepcopy(model), ours(compact=False))]
-    if args.compile:
-        from kontext.scale.parallel import ParallelConfig, parallelize
-
+    flops = {"ours": [step_flops(params, b, compact=True) for b in batches],
+             "ours, full text": [step_flops(params, b, compact=False) for b in batches]}
+    problem = compile_problem(device) if args.compile else None
+    if problem:
+        print(f"no compiled variant: {problem}")
+    elif args.compile:
         compiled = parallelize(copy.deepcopy(model), ParallelConfig(compile=True), device=device)
         trainers.append(Trainer("ours, compiled", compiled, ours(compact=True)))
+        flops["ours, compiled"] = flops["ours"]
+    max_abs_diff = None
     if other is not None:
-        print(f"diffusers FluxTransformer2DModel vs ours on the same weights: max |diff| "
-              f"{check_same_function(model, other, batches[0]):.1e}")
+        max_abs_diff = check_same_function(model, other, batches[0])
+        print(f"diffusers FluxTransformer2DModel vs ours on the same weights: max |diff| {max_abs_diff:.1e}")
         trainers.append(Trainer("diffusers", other, theirs))
+        flops["diffusers"] = [step_flops(params, b, compact=False, predicts_all=True) for b in batches]
     else:
         print("diffusers is not installed: no comparison (pip install diffusers)")
 
     gen = torch.Generator().manual_seed(0)
-    flops: dict[str, dict[str, float]] = {tr.name: {} for tr in trainers}
-    attn_flops: dict[str, float] = {}  # ours: the attention part of its FLOPs, per batch kind
-    warmup_s = {tr.name: 0.0 for tr in trainers}
-    # The warm-up covers every batch (each text length a compiled block meets) at least once.
-    for i in range(max(args.warmup, len(batches)) + args.steps):  # every variant steps on batch i before any takes i + 1
+    warmup = max(args.warmup, len(batches))  # every batch (each text length a compiled block meets) once
+    warmup_s = dict.fromkeys(flops, 0.0)
+    for i in range(warmup + args.steps):  # every variant steps on batch i before any takes i + 1
         b = batches[i % len(batches)]
-        n_img = sum(x.shape[-2] * x.shape[-1] // 4 for x in [b["x"], *b["refs"]])
         for tr in trainers:
-            seconds, rows = tr.step(b, gen)
-            if i < max(args.warmup, len(batches)):
+            seconds = tr.step(b, gen)
+            if i < warmup:
                 warmup_s[tr.name] += seconds
             else:
                 tr.times[b["kind"]].append(seconds)
-                flops[tr.name][b["kind"]] = 3 * args.batch * flux_flops(params, n_img, *rows)
-                if tr.name == "ours":
-                    attn_flops[b["kind"]] = 3 * args.batch * attention_flops(params, n_img, *rows)
 
+    kinds = [b["kind"] for b in batches]
     results = {}
     for tr in trainers:
         med = {k: statistics.median(v) for k, v in tr.times.items() if v}
-        # The training mix: five edit batches to one text-to-image batch.
-        weights = {"edit": 5 / 6, "t2i": 1 / 6}
-        step = sum(weights[k] * med[k] for k in med) / sum(weights[k] for k in med)
-        gflop = sum(weights[k] * flops[tr.name][k] for k in med) / sum(weights[k] for k in med) / 1e9
+        step = sum(MIX[k] * med[k] for k in med) / sum(MIX[k] for k in med)
+        per_kind = {k: statistics.mean(f for (f, _), kind in zip(flops[tr.name], kinds, strict=True) if kind == k)
+                    for k in med}
+        gflop = sum(MIX[k] * per_kind[k] for k in med) / sum(MIX[k] for k in med) / 1e9
         results[tr.name] = {"ms_edit": med.get("edit", 0) * 1e3, "ms_t2i": med.get("t2i", 0) * 1e3,
                             "ms_step": step * 1e3, "samples_per_s": args.batch / step,
                             "gflop_per_step": gflop, "gflops": gflop / step, "peak_share": gflop / step / peak["fp32"],
@@ -310,35 +371,22 @@ def main() -> None:
         d = results["diffusers"]["ms_step"]
         print(f"\nours vs diffusers on the same batches: {d / results['ours']['ms_step']:.2f}x faster "
               f"(at equal text length: {d / results['ours, full text']['ms_step']:.2f}x)")
-    breakdown = {}
-    if not args.no_breakdown:
-        mix = {"edit": 5 / 6, "t2i": 1 / 6}
-        attn = sum(mix[k] * attn_flops[k] for k in attn_flops) / sum(mix[k] for k in attn_flops) / 1e9
-        linear = results["ours"]["gflop_per_step"] - attn
-        breakdown = time_by_kind(trainers[0], batches, gen)
-        print_breakdown(breakdown, linear, attn, peak["fp32"])
+
+    breakdown = None
+    if args.no_breakdown:
+        pass
+    elif device.type != "cpu":
+        print("\nno breakdown: it profiles CPU operators only")
+    else:
+        total, attn = (statistics.mean(f[i] for f in flops["ours"]) / 1e9 for i in (0, 1))  # the six batches: the mix
+        ms, wall_ms = time_by_kind(trainers[0], batches, gen)
+        goal = print_breakdown(ms, wall_ms, total - attn, attn, peak["fp32"])
+        breakdown = {"ms": ms, "wall_ms": wall_ms, "linear_gflop": total - attn, "attention_gflop": attn,
+                     "ms_at_70pct_of_peak": goal}
     print(json.dumps({"cpu": cpu_name(), "capability": cap, "threads": torch.get_num_threads(),
-                      "peak_gflops": peak, "model": args.model, "batch": args.batch,
+                      "peak_gflops": peak, "model": args.model, "batch": args.batch, "max_abs_diff": max_abs_diff,
                       "results": {k: {m: round(v, 4) for m, v in r.items()} for k, r in results.items()},
-                      "ours_ms_by_kind": {k: round(v, 2) for k, v in breakdown.items()}}))
-
-
-def print_breakdown(ms: dict[str, float], linear_gflop: float, attn_gflop: float, peak: float) -> None:
-    """Where our step's time goes, and what the rest of the step would have to shrink to for a
-    given share of the matmul peak."""
-    total = sum(ms.values())
-    print(f"\nwhere our step's time goes (profiled steps: {total:.1f} ms each, the profiler's overhead included)")
-    for kind, t in ms.items():
-        line = f"  {kind:46s} {t:6.1f} ms {t / total:5.1%}"
-        if kind.startswith("linear"):
-            line += f"   {linear_gflop:.2f} GFLOP at {linear_gflop / t * 1e3:.1f} GFLOP/s, {linear_gflop / t * 1e3 / peak:.0%} of the peak"
-        elif kind.startswith("attention"):
-            line += f"   {attn_gflop:.2f} GFLOP"
-        print(line)
-    lin = next(t for kind, t in ms.items() if kind.startswith("linear"))
-    goal = (linear_gflop + attn_gflop) / (0.7 * peak) * 1e3
-    print(f"a step at 70% of the peak takes {goal:.1f} ms: that leaves {max(goal - lin, 0):.1f} ms for everything "
-          f"but the linear layers ({total - lin:.1f} ms here)")
+                      "breakdown": breakdown}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The Shapes-Edit benchmark: aggregation checked with oracle pipelines, the real batched path,
-the report formats and the command."""
+the report formats and the command; and the scripts in benchmarks/ that tests run."""
 
 import json
 
@@ -10,6 +10,9 @@ from tiny_kontext import tiny_pipeline, write_run_dir
 
 from kontext.benchmark import main, run_benchmark
 from kontext.data.shapes_edit import EDIT_OPS, OPS, benchmark_cases, make_chain
+from kontext.run import CONFIG_DIR
+
+BENCHMARKS = CONFIG_DIR.parent / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,12 +125,11 @@ def test_benchmark_command(tmp_path, capsys):
     assert data["settings"]["model"].endswith("last.ckpt") and data["sampler"]["steps"] == 2
 
 
-def _heldout_script():
+def _benchmark_script(name: str):
+    """The module of `benchmarks/{name}.py`."""
     import importlib.util
 
-    from kontext.run import CONFIG_DIR
-
-    spec = importlib.util.spec_from_file_location("heldout_loss", CONFIG_DIR.parent / "benchmarks" / "heldout_loss.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -149,7 +151,7 @@ class VelocityOracle(torch.nn.Module):
 def test_heldout_loss_is_zero_for_the_exact_velocity_and_positive_otherwise():
     from kontext.network import packing
 
-    script = _heldout_script()
+    script = _benchmark_script("heldout_loss")
     pipe = tiny_pipeline(seed=1)
     cases = {"recolor": script.cases_by_op(3, "bench")["recolor"]}
     random = script.heldout_loss(pipe, cases, [0.3, 0.9])
@@ -164,7 +166,7 @@ def test_heldout_loss_command(tmp_path, capsys):
     from kontext.cli import run_main
     from kontext.export import export
 
-    script = _heldout_script()
+    script = _benchmark_script("heldout_loss")
     export(tiny_pipeline(seed=1), tmp_path / "a")
     export(tiny_pipeline(seed=2), tmp_path / "b")
     rows = script.main([f"models=[{tmp_path / 'a'},{tmp_path / 'b'}]", "n=1", "t=[0.5]", f"out={tmp_path / 'out'}"])
@@ -182,9 +184,8 @@ def test_heldout_loss_command(tmp_path, capsys):
 def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "text_compaction.py"
+    script = BENCHMARKS / "text_compaction.py"
     out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--steps", "1"], check=True,
                          capture_output=True, text=True, timeout=300).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -192,17 +193,39 @@ def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
     assert result["edit"]["max_abs_diff"] < 1e-4 and result["edit"]["ms_compact"] > 0
 
 
+@pytest.mark.parametrize(("chain", "kind"), [
+    (["Optimizer.clip_grad_norm", "aten::_foreach_norm", "aten::linalg_vector_norm"], "optimizer, clipping, EMA"),
+    (["Optimizer.ema", "aten::_foreach_lerp_", "aten::lerp_"], "optimizer, clipping, EMA"),
+    (["aten::linear", "aten::t"], "linear layers (linear, mm, addmm)"),
+    (["autograd::engine::evaluate_function: AddmmBackward0", "AddmmBackward0", "aten::mm"],
+     "linear layers (linear, mm, addmm)"),
+    (["autograd::engine::evaluate_function: AddmmBackward0"], "autograd engine"),
+    (["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::empty"],
+     "attention (SDPA forward and backward)"),
+    (["aten::gelu", "aten::empty"], "element-wise, norms, activations, reductions"),
+    (["aten::reshape", "aten::clone", "aten::copy_"], "copies and concatenation"),
+    (["aten::reshape", "aten::_reshape_alias"], "views, reshapes and allocation"),
+])
+def test_throughput_breakdown_gives_an_operator_the_kind_of_the_outermost_one_that_has_one(chain, kind):
+    assert _benchmark_script("throughput").kind_of(chain) == kind
+
+
 def test_throughput_benchmark_runs_and_accounts_for_the_step():
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--batch", "2", "--steps", "2", "--threads", "1"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+    script = BENCHMARKS / "throughput.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--batch", "2", "--steps", "6",
+                          "--threads", "1"], check=True, capture_output=True, text=True, timeout=300).stdout
     result = json.loads(out.strip().splitlines()[-1])
     ours = result["results"]["ours"]
-    assert ours["ms_step"] > 0 and 0 < ours["peak_share"] and ours["gflop_per_step"] > 0
-    kinds = result["ours_ms_by_kind"]
-    assert kinds["linear layers (mm, addmm)"] > 0 and kinds["attention (SDPA forward and backward)"] > 0
-    assert "where our step's time goes" in out and "a step at 70% of the peak takes" in out
+    assert ours["ms_edit"] > 0 and ours["ms_t2i"] > 0 and 0 < ours["peak_share"] < 1
+    if result["max_abs_diff"] is not None:  # diffusers installed: the same function, guidance input included
+        assert result["max_abs_diff"] < 1e-5
+    breakdown = result["breakdown"]
+    # The six profiled batches are the timed mix: the breakdown's FLOPs are the step's.
+    assert breakdown["linear_gflop"] + breakdown["attention_gflop"] == pytest.approx(ours["gflop_per_step"], rel=1e-3)
+    ms = breakdown["ms"]
+    assert ms["linear layers (linear, mm, addmm)"] > 0 and ms["attention (SDPA forward and backward)"] > 0
+    assert ms["optimizer, clipping, EMA"] > 0 and sum(ms.values()) == pytest.approx(breakdown["wall_ms"])
+    assert "a step at 70% of the peak takes" in out
