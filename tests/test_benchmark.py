@@ -199,7 +199,10 @@ def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
     (["aten::linear", "aten::t"], "linear layers (linear, mm, addmm)"),
     (["autograd::engine::evaluate_function: AddmmBackward0", "AddmmBackward0", "aten::mm"],
      "linear layers (linear, mm, addmm)"),
-    (["autograd::engine::evaluate_function: AddmmBackward0"], "autograd engine"),
+    (["autograd::engine::evaluate_function: AddmmBackward0"], "linear layers (linear, mm, addmm)"),
+    (["autograd::engine::evaluate_function: GeluBackward0", "GeluBackward0"], "autograd engine"),
+    (["autograd::engine::evaluate_function: GeluBackward0", "GeluBackward0", "aten::gelu_backward"],
+     "element-wise, norms, activations, reductions"),
     (["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::empty"],
      "attention (SDPA forward and backward)"),
     (["aten::gelu", "aten::empty"], "element-wise, norms, activations, reductions"),
@@ -208,6 +211,22 @@ def test_text_compaction_benchmark_runs_and_finds_the_outputs_equal():
 ])
 def test_throughput_breakdown_gives_an_operator_the_kind_of_the_outermost_one_that_has_one(chain, kind):
     assert _benchmark_script("throughput").kind_of(chain) == kind
+
+
+def test_throughput_step_flops_count_every_image_token_and_predict_the_target():
+    from kontext.network.model import FLUX_PRESETS
+    from kontext.stages.metrics import attention_flops, flux_flops
+
+    params, b = FLUX_PRESETS["small"], 3
+    txt = torch.zeros(b, 32, params.context_in_dim)
+    txt[:, :5] = 1.0  # five prompt rows, then padding
+    batch = {"x": torch.zeros(b, 16, 8, 8), "refs": [torch.zeros(b, 16, 8, 8)], "txt": txt}
+    script = _benchmark_script("throughput")
+    # 16 target and 16 reference tokens; the compacted text keeps the prompt rows and one padding row.
+    assert script.step_flops(params, batch, compact=True) == (3 * b * flux_flops(params, 32, 6, 16),
+                                                              3 * b * attention_flops(params, 32, 6, 16))
+    assert script.step_flops(params, batch, compact=False, predicts_all=True) == (
+        3 * b * flux_flops(params, 32, 32, 32), 3 * b * attention_flops(params, 32, 32, 32))
 
 
 def test_throughput_benchmark_runs_and_accounts_for_the_step():
@@ -224,8 +243,9 @@ def test_throughput_benchmark_runs_and_accounts_for_the_step():
         assert result["max_abs_diff"] < 1e-5
     breakdown = result["breakdown"]
     # The six profiled batches are the timed mix: the breakdown's FLOPs are the step's.
-    assert breakdown["linear_gflop"] + breakdown["attention_gflop"] == pytest.approx(ours["gflop_per_step"], rel=1e-3)
+    assert breakdown["linear_gflop"] + breakdown["attention_gflop"] == pytest.approx(ours["gflop_per_step"], abs=1e-4)
     ms = breakdown["ms"]
     assert ms["linear layers (linear, mm, addmm)"] > 0 and ms["attention (SDPA forward and backward)"] > 0
-    assert ms["optimizer, clipping, EMA"] > 0 and sum(ms.values()) == pytest.approx(breakdown["wall_ms"])
+    assert ms["optimizer, clipping, EMA"] > 0
+    assert ms["outside any operator (Python, the profiler)"] >= 0  # the operators' own times fit in the wall time
     assert "a step at 70% of the peak takes" in out
