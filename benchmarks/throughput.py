@@ -273,7 +273,8 @@ def print_breakdown(ms: dict[str, float], wall_ms: float, linear_gflop: float, a
     for kind, t in ms.items():
         line = f"  {kind:46s} {t:6.1f} ms {t / wall_ms:5.1%}"
         if kind == LINEAR:
-            line += f"   {linear_gflop:.2f} GFLOP at {linear_gflop / t * 1e3:.1f} GFLOP/s, {linear_gflop / t * 1e3 / peak:.0%} of the peak"
+            rate = linear_gflop / t * 1e3
+            line += f"   {linear_gflop:.2f} GFLOP at {rate:.1f} GFLOP/s, {rate / peak:.0%} of the peak"
         elif kind.startswith("attention"):
             line += f"   {attn_gflop:.2f} GFLOP"
         print(line)
