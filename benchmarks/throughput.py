@@ -86,7 +86,7 @@ def make_batches(batch: int, device, seed: int = 0) -> list[dict]:
 class Trainer:
     """One training step of a transformer on a batch: forward, flow loss, backward, clip, AdamW, EMA."""
 
-    def __init__(self, name: str, model, forward, lr: float = 1e-4):
+    def __init__(self, name: str, model, forward, flops: list[tuple[float, float]], lr: float = 1e-4):
         import torch
 
         self.name, self.model, self.forward = name, model.train(), forward
@@ -94,7 +94,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), **({"fused": True} if fused else {}))
-        self.times: dict[str, list[float]] = {"edit": [], "t2i": []}
+        self.flops = flops  # (all, attention) FLOPs of a step on each batch (`step_flops`)
+        self.warmup_s = 0.0
+        self.timed: dict[str, list[tuple[float, float]]] = {"edit": [], "t2i": []}  # kind -> (seconds, FLOPs)
 
     def step(self, b: dict, gen) -> float:
         """One step; returns its seconds."""
@@ -316,49 +318,45 @@ def main() -> None:
 
     params, model, other = build_models(args.model, device)
     batches = make_batches(args.batch, device)
-    trainers = [Trainer("ours", model, ours(compact=True)),
-                Trainer("ours, full text", copy.deepcopy(model), ours(compact=False))]
-    flops = {"ours": [step_flops(params, b, compact=True) for b in batches],
-             "ours, full text": [step_flops(params, b, compact=False) for b in batches]}
+    compact_flops = [step_flops(params, b, compact=True) for b in batches]
+    trainers = [Trainer("ours", model, ours(compact=True), compact_flops),
+                Trainer("ours, full text", copy.deepcopy(model), ours(compact=False),
+                        [step_flops(params, b, compact=False) for b in batches])]
     problem = compile_problem(device) if args.compile else None
     if problem:
         print(f"no compiled variant: {problem}")
     elif args.compile:
         compiled = parallelize(copy.deepcopy(model), ParallelConfig(compile=True), device=device)
-        trainers.append(Trainer("ours, compiled", compiled, ours(compact=True)))
-        flops["ours, compiled"] = flops["ours"]
+        trainers.append(Trainer("ours, compiled", compiled, ours(compact=True), compact_flops))
     max_abs_diff = None
     if other is not None:
         max_abs_diff = check_same_function(model, other, batches[0])
         print(f"diffusers FluxTransformer2DModel vs ours on the same weights: max |diff| {max_abs_diff:.1e}")
-        trainers.append(Trainer("diffusers", other, theirs))
-        flops["diffusers"] = [step_flops(params, b, compact=False, predicts_all=True) for b in batches]
+        trainers.append(Trainer("diffusers", other, theirs,
+                                [step_flops(params, b, compact=False, predicts_all=True) for b in batches]))
     else:
         print("diffusers is not installed: no comparison (pip install diffusers)")
 
     gen = torch.Generator().manual_seed(0)
     warmup = max(args.warmup, len(batches))  # every batch (each text length a compiled block meets) once
-    warmup_s = dict.fromkeys(flops, 0.0)
-    timed_flops = {name: {"edit": [], "t2i": []} for name in flops}  # (the timed steps' batches)
     for i in range(warmup + args.steps):  # every variant steps on batch i before any takes i + 1
         b = batches[i % len(batches)]
         for tr in trainers:
             seconds = tr.step(b, gen)
             if i < warmup:
-                warmup_s[tr.name] += seconds
+                tr.warmup_s += seconds
             else:
-                tr.times[b["kind"]].append(seconds)
-                timed_flops[tr.name][b["kind"]].append(flops[tr.name][i % len(batches)][0])
+                tr.timed[b["kind"]].append((seconds, tr.flops[i % len(batches)][0]))
 
     results = {}
     for tr in trainers:
-        med = {k: statistics.median(v) for k, v in tr.times.items() if v}
+        med = {k: statistics.median(s for s, _ in v) for k, v in tr.timed.items() if v}
         step = sum(MIX[k] * med[k] for k in med) / sum(MIX[k] for k in med)
-        gflop = sum(MIX[k] * statistics.mean(timed_flops[tr.name][k]) for k in med) / sum(MIX[k] for k in med) / 1e9
+        gflop = sum(MIX[k] * statistics.mean(f for _, f in tr.timed[k]) for k in med) / sum(MIX[k] for k in med) / 1e9
         results[tr.name] = {"ms_edit": med.get("edit", 0) * 1e3, "ms_t2i": med.get("t2i", 0) * 1e3,
                             "ms_step": step * 1e3, "samples_per_s": args.batch / step,
                             "gflop_per_step": gflop, "gflops": gflop / step, "peak_share": gflop / step / peak["fp32"],
-                            "warmup_s": warmup_s[tr.name]}
+                            "warmup_s": tr.warmup_s}
 
     print(f"\n{args.model} preset, batch {args.batch}, {args.steps} timed steps per variant (median; mix 5 edit : 1 t2i)")
     print(f"{'':18s} {'edit ms':>8s} {'t2i ms':>8s} {'step ms':>8s} {'samples/s':>10s} {'GFLOP/step':>11s} "
@@ -379,7 +377,7 @@ def main() -> None:
     if not args.no_breakdown and device.type != "cpu":
         print("\nno breakdown: it profiles CPU operators only")
     elif not args.no_breakdown:
-        total, attn = (statistics.mean(f[i] for f in flops["ours"]) / 1e9 for i in (0, 1))  # the six batches: the mix
+        total, attn = (statistics.mean(f[i] for f in compact_flops) / 1e9 for i in (0, 1))  # the six batches: the mix
         ms, wall_ms = time_by_kind(trainers[0], batches, gen)
         goal = print_breakdown(ms, wall_ms, total - attn, attn, peak["fp32"])
         breakdown = {"ms": ms, "wall_ms": wall_ms, "linear_gflop": total - attn, "attention_gflop": attn,
